@@ -61,7 +61,7 @@ def forecast(model, coords_obs, values_obs, t, coords_query, *, steps=None):
 
 def load_model(path, device="cpu"):
     """A trained DINo from a run folder (its best.pt) or a checkpoint file."""
-    return model_from_checkpoint(load_checkpoint(path, device), device)[0]
+    return model_from_checkpoint(load_checkpoint(path), device)[0]
 
 
 # ---- the metric table
@@ -280,7 +280,7 @@ def evaluate(path, *, device="cpu", subsampling=None, mask_seed=None, resolution
     """Evaluate a checkpoint on its test set; writes metrics.json (+ GIFs, PNG) to `out`, returns
     the metrics dict (its "files" lists what was written)."""
     file = os.path.join(path, "best.pt") if os.path.isdir(path) else path
-    state = load_checkpoint(file, device)
+    state = load_checkpoint(file)
     model, cfg = model_from_checkpoint(state, device)
     rate_ = cfg.subsampling if subsampling is None else subsampling
     seed = cfg.mask_seed if mask_seed is None else mask_seed

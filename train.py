@@ -179,7 +179,7 @@ class DINo(nn.Module):
                                layers=cfg.layers, input_scale=cfg.input_scale)
         self.dynamics = Dynamics(n_channels=n_channels, code_dim=cfg.code_dim, hidden=cfg.dyn_hidden)
         self.coord_shift, self.coord_scale = cfg.coord_shift, cfg.coord_scale
-        self.fit_steps, self.fit_lr = cfg.fit_steps, cfg.fit_lr
+        self.fit_steps, self.fit_lr, self.hidden = cfg.fit_steps, cfg.fit_lr, cfg.hidden
 
     def map_coords(self, coords):
         """Physical positions (..., X) -> decoder inputs (the affine map of the config)."""
@@ -188,13 +188,10 @@ class DINo(nn.Module):
     def decode(self, coords, codes, *, chunk_elements=2 ** 25):
         """Decode codes (B, T, S, D) at mapped coords (N, X) without building a graph, in chunks of
         windows so the (chunk, T, N, S, K) intermediates stay small -> (B, T, N, S)."""
-        per_window = codes.shape[1] * coords.shape[0] * codes.shape[2] * self.decoder_width()
+        per_window = codes.shape[1] * coords.shape[0] * codes.shape[2] * self.hidden
         step = max(1, chunk_elements // max(per_window, 1))
         with torch.no_grad():
             return torch.cat([self.decoder(coords, codes[i:i + step]) for i in range(0, len(codes), step)])
-
-    def decoder_width(self):
-        return max(p.shape[0] for p in self.decoder.parameters() if p.dim() == 2)
 
 
 def forecast_codes(model, coords_obs, values_obs, t, *, steps=None, lr=None):
@@ -262,14 +259,15 @@ def save_checkpoint(path, state):
             os.remove(tmp)
 
 
-def load_checkpoint(path, device="cpu"):
-    """Load one of our checkpoints; ValueError (naming the path) for a missing or foreign file."""
+def load_checkpoint(path):
+    """Load one of our checkpoints (on the CPU: RNG states must stay there; the model moves to its
+    device when loaded); ValueError naming the path for a missing or foreign file."""
     if os.path.isdir(path):
         path = os.path.join(path, "best.pt")
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path!r} does not exist (give a run folder or a .pt file written by train.py)")
     try:
-        state = torch.load(path, map_location=device, weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a file torch cannot read at all
         raise ValueError(f"checkpoint {path!r} is not a train.py checkpoint ({type(err).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
@@ -308,7 +306,8 @@ def evaluate_train(model, code_table, values, coords_obs, t):
     """Relative MSE of the forecast from the LEARNED alpha_0 over the training frames, at the
     observed points: the selection metric (it needs no test data and no code fitting)."""
     with torch.no_grad():
-        codes = rollout(model.dynamics, code_table.codes[:, 0], t)      # (W, T_in, S, D)
+        alpha0 = code_table(torch.arange(len(values), device=values.device))[:, 0]   # (W, S, D)
+        codes = rollout(model.dynamics, alpha0, t)                      # (W, T_in, S, D)
     pred = model.decode(coords_obs, codes)                              # (W, T_in, N_obs, S)
     return relative_mse(pred, values, slice(None))
 
@@ -332,6 +331,105 @@ class NonFiniteLoss(RuntimeError):
 
 
 @dataclass
+class Setup:
+    """Everything a run builds once: data on the device, networks, codes, optimisers, RNGs."""
+    cfg: Config
+    train_set: object          # PDEData, training split
+    test_set: object           # PDEData, test split (report only)
+    observed: torch.Tensor     # (N,) bool: observed grid points
+    values: torch.Tensor       # (W, T_in, N_obs, S): training frames inside the horizon, observed points
+    coords_obs: torch.Tensor   # (N_obs, X) mapped coordinates of the observed points
+    t_in: torch.Tensor         # (T_in,) frame times inside the horizon
+    model: DINo
+    code_table: CodeTable      # alpha, one code per (window, frame, channel)
+    optimisers: dict           # 'decoder' | 'codes' | 'dynamics' -> Adam
+    generators: dict           # 'shuffle' (CPU) | 'restart' (device) -> torch.Generator
+    n_batches: int             # minibatches per epoch
+
+
+def build(cfg, *, device, data_dir):
+    train_set = load_dataset(cfg.pde, "train", size=cfg.size, data_dir=data_dir, n_trajectories=cfg.n_train,
+                             device=device)
+    test_set = load_dataset(cfg.pde, "test", size=cfg.size, data_dir=data_dir, n_trajectories=cfg.n_test,
+                            device=device)
+    n_in = train_set.n_in_t
+    observed = observation_mask(train_set, cfg.subsampling, cfg.mask_seed).flatten()    # (N,)
+    values = flatten(train_set.frames[:, :n_in])[:, :, observed]                        # (W, T_in, N_obs, S)
+    n_windows, _, _, n_channels = values.shape
+    torch.manual_seed(cfg.seed)
+    model = DINo(cfg, coord_dim=train_set.coords.shape[-1], n_channels=n_channels).to(device)
+    code_table = CodeTable(n_windows, n_in, n_channels, cfg.code_dim).to(device)
+    return Setup(
+        cfg=cfg, train_set=train_set, test_set=test_set, observed=observed, values=values,
+        coords_obs=model.map_coords(train_set.coords.flatten(0, 1)[observed]), t_in=train_set.t[:n_in],
+        model=model, code_table=code_table,
+        optimisers={"decoder": torch.optim.Adam(model.decoder.parameters(), lr=cfg.lr_decoder),
+                    "codes": torch.optim.Adam(code_table.parameters(), lr=cfg.lr_codes),
+                    "dynamics": torch.optim.Adam(model.dynamics.parameters(), lr=cfg.lr_dynamics)},
+        generators={"shuffle": torch.Generator().manual_seed(cfg.seed + 1),
+                    "restart": torch.Generator(device=device).manual_seed(cfg.seed + 2)},
+        n_batches=math.ceil(n_windows / cfg.batch_size))
+
+
+def new_progress():
+    """The loop's position and record: all of it goes into the checkpoint."""
+    return {"epoch": 0, "position": 0, "perm": None, "iteration": 0, "elapsed": 0.0, "best_train": math.inf,
+            "history": [], "sums": {"dec": 0.0, "dyn": 0.0, "n": 0}}
+
+
+def minibatch_step(s, ids, epsilon_now, *, step_networks):
+    """One minibatch of Alg. 1: codes step now; decoder and dynamics only if `step_networks`
+    (otherwise their gradients keep summing until the end of the epoch)."""
+    loss_dec, codes = decoder_loss(s.model, s.code_table, ids, s.values[ids], s.coords_obs)
+    loss_dyn = dynamics_loss(s.model, codes, s.t_in, epsilon_now, s.generators["restart"])
+    if not (torch.isfinite(loss_dec) and torch.isfinite(loss_dyn)):
+        raise NonFiniteLoss(f"decoder loss {loss_dec.item()}, dynamics loss {loss_dyn.item()}")
+    (loss_dec + loss_dyn).backward()       # two separate graphs: the codes were detached for L_dyn
+    s.optimisers["codes"].step()           # codes: every minibatch
+    s.optimisers["codes"].zero_grad()
+    if step_networks:
+        for name in ("decoder", "dynamics"):
+            s.optimisers[name].step()
+            s.optimisers[name].zero_grad()
+    return loss_dec.item(), loss_dyn.item()
+
+
+def checkpoint_state(s, progress):
+    return {"format": CHECKPOINT_FORMAT, "config": asdict(s.cfg), "coord_dim": s.train_set.coords.shape[-1],
+            "n_channels": s.values.shape[-1], "n_in_t": len(s.t_in),
+            "mask": s.observed.view(s.train_set.coords.shape[:2]).cpu(),
+            "model": s.model.state_dict(), "codes": s.code_table.state_dict(),
+            "optimisers": {name: opt.state_dict() for name, opt in s.optimisers.items()},
+            "grads": [None if p.grad is None else p.grad.detach().cpu() for p in trained_parameters(s.model)],
+            "epsilon": epsilon(s.cfg, progress["iteration"]), "rng": rng_state(s.generators), **progress}
+
+
+def restore(s, state):
+    """Load a checkpoint into a fresh Setup; returns its progress dict."""
+    s.model.load_state_dict(state["model"])
+    s.code_table.load_state_dict(state["codes"])
+    for name, opt in s.optimisers.items():
+        opt.load_state_dict(state["optimisers"][name])
+    device = s.values.device
+    for p, g in zip(trained_parameters(s.model), state["grads"]):   # summed so far in this epoch
+        p.grad = None if g is None else g.to(device)
+    set_rng_state(state["rng"], s.generators)
+    return {key: state[key] for key in new_progress()}
+
+
+def evaluate_now(s, progress):
+    """Train In-t (selection) and test In-t / Out-t (report), as a history entry."""
+    n_in = len(s.t_in)
+    train_rel = evaluate_train(s.model, s.code_table, s.values, s.coords_obs, s.t_in)
+    test_rel = evaluate_test(s.model, s.test_set, s.observed, n_in)
+    sums = progress["sums"]
+    return {"epoch": progress["epoch"], "iteration": progress["iteration"],
+            "epsilon": epsilon(s.cfg, progress["iteration"]),
+            "loss_dec": sums["dec"] / max(sums["n"], 1), "loss_dyn": sums["dyn"] / max(sums["n"], 1),
+            "train_in_t": train_rel, "test_in_t": test_rel["in_t"], "test_out_t": test_rel["out_t"]}
+
+
+@dataclass
 class TrainResult:
     out: str            # run folder (last.pt, best.pt, log.txt)
     epoch: int          # epochs completed
@@ -341,56 +439,12 @@ class TrainResult:
     history: list       # one dict per evaluation
 
 
-def clock(seconds):
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
 def train(cfg, *, out, device="cpu", epochs=None, minutes=None, resume=None, data_dir="data", log=print):
-    """Train DINo with `cfg`; `resume` is a checkpoint dict to continue exactly where it stopped."""
+    """Train DINo with `cfg` into folder `out`; `resume`: a checkpoint dict to continue exactly."""
     check_config(cfg)
     epochs = cfg.epochs if epochs is None else epochs
-    train_set = load_dataset(cfg.pde, "train", size=cfg.size, data_dir=data_dir, n_trajectories=cfg.n_train,
-                             device=device)
-    test_set = load_dataset(cfg.pde, "test", size=cfg.size, data_dir=data_dir, n_trajectories=cfg.n_test,
-                            device=device)
-    n_in = train_set.n_in_t
-    observed = observation_mask(train_set, cfg.subsampling, cfg.mask_seed).flatten()   # (N,)
-    values = flatten(train_set.frames[:, :n_in])[:, :, observed]       # (W, T_in, N_obs, S)
-    t_in = train_set.t[:n_in]
-    n_windows, _, _, n_channels = values.shape
-
-    torch.manual_seed(cfg.seed)
-    model = DINo(cfg, coord_dim=train_set.coords.shape[-1], n_channels=n_channels).to(device)
-    code_table = CodeTable(n_windows, n_in, n_channels, cfg.code_dim).to(device)
-    coords_obs = model.map_coords(train_set.coords.flatten(0, 1)[observed])            # (N_obs, X)
-    optimisers = {"decoder": torch.optim.Adam(model.decoder.parameters(), lr=cfg.lr_decoder),
-                  "codes": torch.optim.Adam(code_table.parameters(), lr=cfg.lr_codes),
-                  "dynamics": torch.optim.Adam(model.dynamics.parameters(), lr=cfg.lr_dynamics)}
-    generators = {"shuffle": torch.Generator().manual_seed(cfg.seed + 1),
-                  "restart": torch.Generator(device=device).manual_seed(cfg.seed + 2)}
-    n_batches = math.ceil(n_windows / cfg.batch_size)
-    run = {"epoch": 0, "position": 0, "perm": None, "iteration": 0, "elapsed": 0.0,
-           "best_train": math.inf, "history": []}
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        code_table.load_state_dict(resume["codes"])
-        for name, opt in optimisers.items():
-            opt.load_state_dict(resume["optimisers"][name])
-        for p, g in zip(trained_parameters(model), resume["grads"]):  # summed within an epoch
-            p.grad = None if g is None else g.to(device)
-        set_rng_state(resume["rng"], generators)
-        run.update({k: resume[k] for k in run})
-
-    def checkpoint(path):
-        save_checkpoint(path, {
-            "format": CHECKPOINT_FORMAT, "config": asdict(cfg), "coord_dim": train_set.coords.shape[-1],
-            "n_channels": n_channels, "n_in_t": n_in, "mask": observed.view(train_set.coords.shape[:2]).cpu(),
-            "model": model.state_dict(), "codes": code_table.state_dict(),
-            "optimisers": {name: opt.state_dict() for name, opt in optimisers.items()},
-            "grads": [None if p.grad is None else p.grad.detach().cpu() for p in trained_parameters(model)],
-            "epsilon": epsilon(cfg, run["iteration"]), "rng": rng_state(generators), **run})
-
+    s = build(cfg, device=device, data_dir=data_dir)
+    progress = new_progress() if resume is None else restore(s, resume)
     os.makedirs(out, exist_ok=True)
     log_file = open(os.path.join(out, "log.txt"), "a")
 
@@ -399,97 +453,90 @@ def train(cfg, *, out, device="cpu", epochs=None, minutes=None, resume=None, dat
         log_file.write(line + "\n")
         log_file.flush()
 
-    say(f"{cfg.pde} | {n_windows} train windows x {n_in} frames, {observed.sum().item()}/{observed.numel()} "
-        f"points observed | {len(test_set.frames)} test windows | decoder {count(model.decoder):,} + dynamics "
-        f"{count(model.dynamics):,} parameters | {n_batches} minibatches/epoch | schedule {cfg.schedule} | {device}")
-    say("metrics: relative MSE (MSE / mean square of truth); train In-t selects best.pt, test is reported only")
+    def save(name):
+        save_checkpoint(os.path.join(out, name), checkpoint_state(s, progress))
 
+    n_windows = len(s.values)
+    say(f"{cfg.pde} | {n_windows} train windows x {len(s.t_in)} frames, {s.observed.sum().item()}/"
+        f"{s.observed.numel()} points observed | {len(s.test_set.frames)} test windows | decoder "
+        f"{count(s.model.decoder):,} + dynamics {count(s.model.dynamics):,} parameters | {s.n_batches} "
+        f"minibatches/epoch | schedule {cfg.schedule} | {device}")
+    say("metrics: relative MSE (MSE / mean square of truth); train In-t selects best.pt, test is reported only")
+    # Ctrl-C: finish the minibatch, save, stop (a second Ctrl-C aborts at once)
     stop = {"signal": False}
     previous_handler = signal.getsignal(signal.SIGINT)
 
     def on_interrupt(signum, frame):
         stop["signal"] = True
-        signal.signal(signal.SIGINT, previous_handler)  # a second Ctrl-C aborts at once
+        signal.signal(signal.SIGINT, previous_handler)
 
     signal.signal(signal.SIGINT, on_interrupt)
-    start, start_iteration, elapsed_before = time.time(), run["iteration"], run["elapsed"]
-    sums = {"dec": 0.0, "dyn": 0.0, "n": 0}
-    total_iterations = epochs * n_batches
-    stopped = "epochs"
+    start, first_iteration, elapsed_before = time.time(), progress["iteration"], progress["elapsed"]
 
     def evaluate_and_save():
-        run["elapsed"] = elapsed_before + time.time() - start
-        with frozen(model):
-            train_rel = evaluate_train(model, code_table, values, coords_obs, t_in)
-        test_rel = evaluate_test(model, test_set, observed, n_in)
+        entry = evaluate_now(s, progress)
         session = time.time() - start
+        progress["elapsed"] = entry["elapsed"] = elapsed_before + session
+        eta = session / max(progress["iteration"] - first_iteration, 1) * (epochs * s.n_batches - progress["iteration"])
         if minutes is not None:
-            eta = minutes * 60 - session
-        else:
-            eta = session / max(run["iteration"] - start_iteration, 1) * (total_iterations - run["iteration"])
-        entry = {"epoch": run["epoch"], "iteration": run["iteration"], "epsilon": epsilon(cfg, run["iteration"]),
-                 "loss_dec": sums["dec"] / max(sums["n"], 1), "loss_dyn": sums["dyn"] / max(sums["n"], 1),
-                 "train_in_t": train_rel, "test_in_t": test_rel["in_t"], "test_out_t": test_rel["out_t"],
-                 "elapsed": run["elapsed"]}
-        run["history"].append(entry)
-        sums.update(dec=0.0, dyn=0.0, n=0)
+            eta = min(eta, minutes * 60 - session)
         say(f"epoch {entry['epoch']} | iter {entry['iteration']} | eps {entry['epsilon']:.3f} | "
-            f"dec {entry['loss_dec']:.2e} | dyn {entry['loss_dyn']:.2e} | train In-t {train_rel:.2e} | "
-            f"test In-t {test_rel['in_t']:.2e} Out-t {test_rel['out_t']:.2e} | "
+            f"dec {entry['loss_dec']:.2e} | dyn {entry['loss_dyn']:.2e} | train In-t {entry['train_in_t']:.2e} | "
+            f"test In-t {entry['test_in_t']:.2e} Out-t {entry['test_out_t']:.2e} | "
             f"{clock(entry['elapsed'])} | ETA {clock(eta)}")
-        if not math.isfinite(train_rel):
-            raise NonFiniteLoss(f"train metric is {train_rel} at iteration {run['iteration']}")
-        improved = train_rel < run["best_train"]
-        run["best_train"] = min(train_rel, run["best_train"])
-        checkpoint(os.path.join(out, "last.pt"))
+        if not math.isfinite(entry["train_in_t"]):
+            raise NonFiniteLoss(f"train metric {entry['train_in_t']} at iteration {progress['iteration']}")
+        progress["history"].append(entry)
+        progress["sums"] = {"dec": 0.0, "dyn": 0.0, "n": 0}
+        improved = entry["train_in_t"] < progress["best_train"]
+        progress["best_train"] = min(entry["train_in_t"], progress["best_train"])
+        save("last.pt")
         if improved:
-            checkpoint(os.path.join(out, "best.pt"))
+            save("best.pt")
 
+    stopped = "epochs"
     try:
-        while run["epoch"] < epochs:
-            if run["position"] == 0:
-                run["perm"] = torch.randperm(n_windows, generator=generators["shuffle"])
-            ids = run["perm"][run["position"] * cfg.batch_size:(run["position"] + 1) * cfg.batch_size].to(device)
-            eps = epsilon(cfg, run["iteration"])
-            loss_dec, codes = decoder_loss(model, code_table, ids, values[ids], coords_obs)
-            loss_dyn = dynamics_loss(model, codes, t_in, eps, generators["restart"])
-            if not (torch.isfinite(loss_dec) and torch.isfinite(loss_dyn)):
-                raise NonFiniteLoss(f"decoder loss {loss_dec.item()}, dynamics loss {loss_dyn.item()} at epoch "
-                                    f"{run['epoch']}, iteration {run['iteration']}")
-            (loss_dec + loss_dyn).backward()    # two separate graphs: codes were detached for L_dyn
-            optimisers["codes"].step()          # codes: every minibatch (their rows only get gradients here)
-            optimisers["codes"].zero_grad()
-            run["position"] += 1
-            run["iteration"] += 1
-            if cfg.schedule == "minibatch" or run["position"] == n_batches:
-                for name in ("decoder", "dynamics"):   # paper: once per epoch, gradients summed
-                    optimisers[name].step()
-                    optimisers[name].zero_grad()
-            if run["position"] == n_batches:
-                run["epoch"], run["position"] = run["epoch"] + 1, 0
-            sums["dec"] += loss_dec.item()
-            sums["dyn"] += loss_dyn.item()
-            sums["n"] += 1
+        while progress["epoch"] < epochs:
+            if progress["position"] == 0:
+                progress["perm"] = torch.randperm(n_windows, generator=s.generators["shuffle"])
+            b = progress["position"] * cfg.batch_size
+            ids = progress["perm"][b:b + cfg.batch_size].to(device)
+            last_of_epoch = progress["position"] + 1 == s.n_batches
+            try:
+                loss_dec, loss_dyn = minibatch_step(s, ids, epsilon(cfg, progress["iteration"]),
+                                                    step_networks=cfg.schedule == "minibatch" or last_of_epoch)
+            except NonFiniteLoss as err:
+                raise NonFiniteLoss(f"{err} at epoch {progress['epoch']}, iteration {progress['iteration']}")
+            progress["iteration"] += 1
+            progress["position"] = 0 if last_of_epoch else progress["position"] + 1
+            progress["epoch"] += last_of_epoch
+            sums = progress["sums"]
+            sums["dec"], sums["dyn"], sums["n"] = sums["dec"] + loss_dec, sums["dyn"] + loss_dyn, sums["n"] + 1
             if stop["signal"]:
                 stopped = "interrupted"
                 break
             if minutes is not None and time.time() - start >= minutes * 60:
                 stopped = "minutes"
                 break
-            if run["iteration"] % cfg.eval_every == 0:
+            if progress["iteration"] % cfg.eval_every == 0:
                 evaluate_and_save()
         if stopped == "interrupted":
-            run["elapsed"] = elapsed_before + time.time() - start
-            checkpoint(os.path.join(out, "last.pt"))
-            say(f"interrupted at epoch {run['epoch']}, iteration {run['iteration']}: saved {out}/last.pt; "
-                f"continue with: python train.py --out {out} --resume")
-        elif not run["history"] or run["history"][-1]["iteration"] != run["iteration"]:
+            progress["elapsed"] = elapsed_before + time.time() - start
+            save("last.pt")
+            say(f"interrupted at epoch {progress['epoch']}, iteration {progress['iteration']}: saved {out}/last.pt;"
+                f" continue with: python train.py --out {out} --resume")
+        elif not progress["history"] or progress["history"][-1]["iteration"] != progress["iteration"]:
             evaluate_and_save()
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         log_file.close()
-    return TrainResult(out=out, epoch=run["epoch"], iteration=run["iteration"], stopped=stopped,
-                       best_train=run["best_train"], history=run["history"])
+    return TrainResult(out=out, epoch=progress["epoch"], iteration=progress["iteration"], stopped=stopped,
+                       best_train=progress["best_train"], history=progress["history"])
+
+
+def clock(seconds):
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def trained_parameters(model):
@@ -589,7 +636,7 @@ def resolve(args):
     if args.resume:
         if args.out is None:
             raise ValueError("--resume needs --out RUN_FOLDER (the run to continue)")
-        state = load_checkpoint(os.path.join(args.out, "last.pt"), device=device)
+        state = load_checkpoint(os.path.join(args.out, "last.pt"))
         cfg = Config(**state["config"])
         changed = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None and v != getattr(cfg, k)]
         if args.pde not in (None, cfg.pde) or args.preset or args.set or changed:
