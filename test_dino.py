@@ -10,6 +10,16 @@ from scipy.linalg import expm
 from inr import Decoder, decoder_parameter_count
 
 
+@pytest.fixture
+def one_thread():
+    """These tests use tiny tensors: on a shared, loaded machine, thread hand-offs cost far more than
+    the arithmetic (seconds instead of milliseconds), so they run on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def grid_coords(size, dtype=torch.float32):
     axis = torch.linspace(0, 0.5, size + 1, dtype=dtype)[:-1]
     return torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)   # (N, 2)
@@ -36,6 +46,7 @@ def small_decoder(coord_dim=2, code_dim=6, hidden=8, layers=2, dtype=torch.float
     return Decoder(coord_dim=coord_dim, code_dim=code_dim, hidden=hidden, layers=layers).to(dtype)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_decoder_shapes_grids_point_clouds_batched():
     dec = small_decoder(dtype=torch.float32)
     coords = grid_coords(4)                                               # (16, 2)
@@ -48,6 +59,7 @@ def test_decoder_shapes_grids_point_clouds_batched():
     assert sphere(xyz, torch.randn(2, 3, 6)).shape == (2, 11, 3)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_decoder_fast_route_equals_direct_and_naive_formula():
     dec = small_decoder()
     coords = torch.rand(9, 2, dtype=torch.float64) * 0.5
@@ -72,6 +84,7 @@ def test_decoder_fast_route_equals_direct_and_naive_formula():
         torch.testing.assert_close(g_fast, g_direct)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_decoder_is_affine_in_the_code():
     dec = small_decoder()
     coords = torch.rand(9, 2, dtype=torch.float64)
@@ -80,6 +93,7 @@ def test_decoder_is_affine_in_the_code():
     torch.testing.assert_close(dec(coords, code)[:, 0], parts.offset[0] + parts.jacobian[0] @ code[0])
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_decoder_code_changes_only_its_own_output():
     dec = small_decoder(dtype=torch.float32)
     coords, codes = grid_coords(4), torch.randn(3, 2, 6)
@@ -91,6 +105,7 @@ def test_decoder_code_changes_only_its_own_output():
     torch.testing.assert_close(after[1, :, 1], before[1, :, 1])          # nor the other channel
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_decoder_has_no_hidden_dependence_on_point_order():
     dec = small_decoder(dtype=torch.float32)
     coords, codes = grid_coords(6), torch.randn(2, 1, 6)
@@ -103,6 +118,7 @@ def test_decoder_has_no_hidden_dependence_on_point_order():
     (2, 50, 64, 3, 25_793),       # wave (2 channels share the decoder)
     (3, 200, 256, 6, 757_121),    # shallow water
 ])
+@pytest.mark.usefixtures("one_thread")
 def test_decoder_parameter_count(coord_dim, code_dim, hidden, layers, official):
     dec = Decoder(coord_dim=coord_dim, code_dim=code_dim, hidden=hidden, layers=layers)
     count = sum(p.numel() for p in dec.parameters())
@@ -112,6 +128,7 @@ def test_decoder_parameter_count(coord_dim, code_dim, hidden, layers, official):
     assert count + hidden * coord_dim == official
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_decoder_float64_and_bad_input():
     dec = small_decoder(dtype=torch.float64)
     assert dec(torch.rand(5, 2, dtype=torch.float64), torch.randn(1, 6, dtype=torch.float64)).dtype == torch.float64
@@ -148,12 +165,14 @@ class PlainDecoder(torch.nn.Module):
         return self.inner(coords, codes)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_toy_linear_autodecoding_learns(capsys):
     result = toy_linear_autodecoding(rounds=100)
     assert result.loss_after < result.loss_before / 100
     assert "loss before" in capsys.readouterr().out
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_fit_codes_recovers_known_codes():
     dec, coords, values = known_code_problem()
     fit = fit_codes(dec, coords, values, steps=300, lr=1e-2)
@@ -163,6 +182,7 @@ def test_fit_codes_recovers_known_codes():
     torch.testing.assert_close(fit.loss, (dec(coords, fit.codes) - values).pow(2).mean(dim=(1, 2)))
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_fit_codes_batched_equals_each_sample_alone_and_generic_path():
     dec, coords, values = known_code_problem()
     mask = torch.rand(4, 64, generator=torch.Generator().manual_seed(1)) < 0.6    # (B, N)
@@ -175,6 +195,7 @@ def test_fit_codes_batched_equals_each_sample_alone_and_generic_path():
     torch.testing.assert_close(generic.codes, batched.codes, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_fit_codes_mask_and_per_sample_points():
     dec, coords, values = known_code_problem()
     mask = torch.rand(64, generator=torch.Generator().manual_seed(2)) < 0.5      # (N,)
@@ -188,6 +209,7 @@ def test_fit_codes_mask_and_per_sample_points():
     torch.testing.assert_close(per_sample.codes, fit.codes)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_fit_codes_leaves_decoder_alone_and_rejects_bad_input():
     dec, coords, values = known_code_problem()
     before = [p.clone() for p in dec.parameters()]
@@ -202,6 +224,7 @@ def test_fit_codes_leaves_decoder_alone_and_rejects_bad_input():
         fit_codes(dec, coords, values, torch.zeros(4, 64, dtype=torch.bool))
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("sparse", [False, True])
 def test_code_table_lookup_and_own_optimiser(sparse):
     table = CodeTable(5, 3, 2, 4, sparse=sparse)
@@ -238,6 +261,7 @@ class LinearField(torch.nn.Module):
         return (alpha.flatten(-2) @ self.matrix.T).view(alpha.shape)
 
 
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("method, tol", [("rk4", 1e-6), ("dopri5", 1e-5)])
 def test_rollout_matches_matrix_exponential(method, tol):
     gen = torch.Generator().manual_seed(0)
@@ -251,6 +275,7 @@ def test_rollout_matches_matrix_exponential(method, tol):
     assert (path - exact).abs().max() < tol
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_rk4_error_falls_sixteenfold_when_the_step_halves():
     A = torch.tensor([[0.0, 2.0], [-2.0, 0.0]], dtype=torch.float64)   # rotation
     alpha0 = torch.tensor([[[1.0, 0.0]]], dtype=torch.float64)
@@ -260,6 +285,7 @@ def test_rk4_error_falls_sixteenfold_when_the_step_halves():
     assert 14 < errors[0] / errors[1] < 18
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_restarts_extremes_and_per_sample_draws():
     torch.manual_seed(0)
     f = Dynamics(n_channels=2, code_dim=3, hidden=16).double()
@@ -282,6 +308,7 @@ def test_restarts_extremes_and_per_sample_draws():
     assert from_true.any(dim=0).all() and (~from_true).any(dim=0).all()  # draws differ across samples
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_dynamics_gradients_mixing_and_parameter_counts():
     torch.manual_seed(0)
     f = Dynamics(n_channels=2, code_dim=3, hidden=16)
@@ -300,6 +327,7 @@ def test_dynamics_gradients_mixing_and_parameter_counts():
         assert sum(p.numel() for p in Dynamics(n_channels=S, code_dim=D, hidden=hidden).parameters()) == official
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_epsilon_schedule():
     assert epsilon_schedule(0) == 0.99 and epsilon_schedule(99) == 0.99
     assert epsilon_schedule(100) == pytest.approx(0.99 ** 2)
