@@ -285,8 +285,6 @@ def evaluate(path, *, device="cpu", subsampling=None, mask_seed=None, resolution
     rate_ = cfg.subsampling if subsampling is None else subsampling
     seed = cfg.mask_seed if mask_seed is None else mask_seed
     resolution = cfg.size if resolution is None else resolution
-    if points is not None and cfg.pde not in BOUNDARY:
-        raise ValueError(f"--points: free-form points need a planar PDE ({', '.join(BOUNDARY)}), not {cfg.pde!r}")
     out = out or default_out(path, cfg, subsampling, mask_seed, resolution, points)
     check_writable(out)
 
@@ -332,19 +330,59 @@ def evaluate(path, *, device="cpu", subsampling=None, mask_seed=None, resolution
     return metrics
 
 
+def sphere_interpolate(frames, points):
+    """Exact values of band-limited sphere fields at arbitrary points: analyse the fields on the
+    data's full Gauss grid into spherical harmonics (exact there: Gauss quadrature, l <= nlat - 1)
+    and sum the series at the points. frames (B, T, nlat, 2 nlat, S); points (Nq, 3) xyz -> (B, T, Nq, S)."""
+    from solvers import SphereTransform, sphere_legendre   # the sphere solver's own transform
+    nlat = frames.shape[2]
+    transform = SphereTransform(nlat - 1, nlat)
+    points = points.cpu().double()
+    legendre = torch.from_numpy(sphere_legendre(nlat - 1, points[:, 2].numpy())[0])       # (M, L, Nq)
+    lon = torch.atan2(points[:, 1], points[:, 0])
+    m = torch.arange(nlat, dtype=torch.float64)
+    phase = torch.exp(1j * m[:, None] * lon[None, :])                                      # (M, Nq)
+    phase[1:] *= 2                       # a real field: m and -m together, m = 0 once
+    out = []
+    for window in frames.cpu().double():                                                   # (T, nlat, nlon, S)
+        coef = transform.to_spec(window.movedim(-1, 1))                                    # (T, S, M, L)
+        along = torch.einsum("tsml,mlq->tsmq", coef, legendre.to(coef.dtype))             # (T, S, M, Nq)
+        out.append((along * phase).sum(2).real.movedim(1, -1))                             # (T, Nq, S)
+    return torch.stack(out).float().to(frames.device)                                      # (B, T, Nq, S)
+
+
+def sphere_points(n, seed):
+    """n points uniform on the unit sphere (z uniform in [-1, 1], longitude uniform), by seed."""
+    g = torch.Generator().manual_seed(seed)
+    z = 2 * torch.rand(n, generator=g, dtype=torch.float64) - 1
+    lon = 2 * math.pi * torch.rand(n, generator=g, dtype=torch.float64)
+    r = torch.sqrt(1 - z ** 2)
+    return torch.stack([r * torch.cos(lon), r * torch.sin(lon), z], -1).float()          # (n, 3)
+
+
 def free_form(model, cfg, codes, resolution, n_points, seed, n_in, data_dir, device):
-    """Forecast at random points anywhere in the domain; truth by spectral interpolation of the
-    same test fields generated on a grid twice as fine."""
-    boundary = BOUNDARY[cfg.pde]
-    fine = load_dataset(cfg.pde, "test", size=2 * resolution, data_dir=data_dir, n_trajectories=cfg.n_test,
-                        device=device)
-    query = random_points(fine.coords, boundary, n_points, seed)          # (Nq, 2)
-    truth = torch.cat([interpolate(fine.frames[i:i + 1], fine.coords, query, boundary)
-                       for i in range(len(fine.frames))])                 # (B, T, Nq, S)
+    """Forecast at random points anywhere in the domain (codes fitted on the grid as usual).
+    Truth off the grid: planar PDEs by spectral interpolation (cosine series for heat's walls,
+    Fourier series for the periodic ones) of the same test fields on a grid of at least 64 points
+    (the size the data are simulated at); the sphere by spherical harmonics of the full 256x128 grid."""
+    if cfg.pde == "shallow-water":
+        from solvers import SPHERE_DATA_NLAT
+        fine = load_dataset(cfg.pde, "test", size=SPHERE_DATA_NLAT, data_dir=data_dir,
+                            n_trajectories=cfg.n_test, device=device)
+        query = sphere_points(n_points, seed).to(device)                  # (Nq, 3)
+        truth = sphere_interpolate(fine.frames, query)                    # (B, T, Nq, S)
+        how = f"spherical-harmonic series of the {2 * SPHERE_DATA_NLAT}x{SPHERE_DATA_NLAT} test fields"
+    else:
+        boundary = BOUNDARY[cfg.pde]
+        size = max(64, resolution)
+        fine = load_dataset(cfg.pde, "test", size=size, data_dir=data_dir, n_trajectories=cfg.n_test,
+                            device=device)
+        query = random_points(fine.coords, boundary, n_points, seed)      # (Nq, 2)
+        truth = torch.cat([interpolate(fine.frames[i:i + 1], fine.coords, query, boundary)
+                           for i in range(len(fine.frames))])             # (B, T, Nq, S)
+        how = f"{boundary} spectral interpolation of the {size}x{size} test fields"
     pred = model.decode(model.map_coords(query), codes)                   # (B, T, Nq, S)
-    result = {"n": n_points, "seed": seed,
-              "truth": f"{boundary} spectral interpolation of the {2 * resolution}x{2 * resolution} test fields",
-              "mse": {}, "rel_mse": {}}
+    result = {"n": n_points, "seed": seed, "truth": how, "mse": {}, "rel_mse": {}}
     for name, frames in (("in_t", slice(0, n_in)), ("out_t", slice(n_in, None))):
         mse = (pred[:, frames] - truth[:, frames]).pow(2).mean().item()
         result["mse"][name] = mse
@@ -401,10 +439,11 @@ def parser():
     p.add_argument("--resolution", type=int, metavar="N",
                    help="evaluate on the same test fields at N x N (sphere: N latitudes x 2N longitudes)")
     p.add_argument("--points", type=int, metavar="N",
-                   help="also forecast at N random points anywhere in the domain (planar PDEs)")
+                   help="also forecast at N random points anywhere in the domain (not on the grid)")
     p.add_argument("--fit-steps", type=int, help="Adam steps fitting alpha_0 (default: the run's)")
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--data-dir", default="data", help="dataset cache folder (default: data)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--out", help="output folder (default: RUN/eval[-conditions])")
     p.add_argument("--no-pictures", action="store_true", help="skip the GIFs and the PNG")
     return p
@@ -412,10 +451,12 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    for name, low in (("resolution", 4), ("points", 1), ("fit_steps", 0)):
+    for name, low in (("resolution", 4), ("points", 1), ("fit_steps", 0), ("threads", 1)):
         value = getattr(args, name)
         if value is not None and value < low:
             parser().error(f"--{name.replace('_', '-')} {value} must be at least {low}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:
         device = resolve_device(args.device)
         return evaluate(args.run, device=device, subsampling=args.subsampling, mask_seed=args.mask_seed,

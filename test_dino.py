@@ -571,6 +571,24 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("data"))
 
 
+class single_thread:
+    """Tiny tensors: on a shared, loaded CPU two threads hand off more than they compute (measured
+    5x slower), so the train/evaluate checks run on one."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
+
+
+@pytest.fixture
+def one_cpu_thread():
+    with single_thread():
+        yield
+
+
 def tiny_argv(out, data_dir, *extra, batch=4, every=5):
     return ["--pde", "heat", "--preset", "quick", "--device", "cpu", "--out", str(out), "--data-dir", data_dir,
             *TINY, "--set", f"batch_size={batch}", "--set", f"eval_every={every}", *extra]
@@ -580,10 +598,12 @@ def tiny_argv(out, data_dir, *extra, batch=4, every=5):
 def tiny_run(tmp_path_factory, data_dir):
     """One tiny heat run shared by the evaluate checks: 8 windows of 8x8, 40 epochs."""
     out = tmp_path_factory.mktemp("run") / "heat"
-    result = train_py.main(tiny_argv(out, data_dir, "--epochs", "40", every=20))
+    with single_thread():
+        result = train_py.main(tiny_argv(out, data_dir, "--epochs", "40", every=20))
     return out, result
 
 
+@pytest.mark.usefixtures("one_cpu_thread")
 def test_train_lowers_the_loss_and_writes_a_run(tiny_run):
     out, result = tiny_run
     first, last = result.history[0], result.history[-1]
@@ -600,6 +620,7 @@ def test_train_lowers_the_loss_and_writes_a_run(tiny_run):
     assert best["best_train"] == min(h["train_in_t"] for h in result.history)   # selected on TRAIN data
 
 
+@pytest.mark.usefixtures("one_cpu_thread")
 def test_resume_after_ctrl_c_equals_uninterrupted(tmp_path, data_dir):
     # paper schedule, 3 minibatches per epoch: the Ctrl-C lands mid-epoch, with summed decoder
     # and dynamics gradients pending; the resumed run must not notice.
@@ -624,6 +645,7 @@ def test_resume_after_ctrl_c_equals_uninterrupted(tmp_path, data_dir):
     assert rest.history[-1]["test_out_t"] == pytest.approx(whole.history[-1]["test_out_t"], rel=1e-5)
 
 
+@pytest.mark.usefixtures("one_cpu_thread")
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
     train_py.main(tiny_argv(tmp_path / "run", data_dir, "--epochs", "2"))
     good = (tmp_path / "run" / "last.pt").read_bytes()
@@ -641,6 +663,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
     assert (tmp_path / "run" / "last.pt").read_bytes() == good
 
 
+@pytest.mark.usefixtures("one_cpu_thread")
 def test_config_table_and_overrides():
     assert set(train_py.CONFIGS) == {(p, s) for p in train_py.PDES for s in train_py.PRESETS}
     for cfg in train_py.CONFIGS.values():
@@ -652,6 +675,7 @@ def test_config_table_and_overrides():
             train_py.override(cfg, bad)
 
 
+@pytest.mark.usefixtures("one_cpu_thread")
 def test_observation_mask_rate_and_seed(data_dir):
     data = train_py.load_dataset("heat", "test", size=32, data_dir=data_dir, n_trajectories=1, verbose=False)
     a = train_py.observation_mask(data, 0.25, seed=1)
@@ -672,6 +696,7 @@ def test_observation_mask_rate_and_seed(data_dir):
     (["--pde", "heat", "--epochs", "-1"], "--epochs -1"),
     (["--resume"], "--resume needs --out"),
 ])
+@pytest.mark.usefixtures("one_cpu_thread")
 def test_train_bad_input_exits_2_with_one_line(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         train_py.main(argv + ["--out", str(tmp_path / "run")] if "--resume" not in argv else argv)
@@ -681,12 +706,14 @@ def test_train_bad_input_exits_2_with_one_line(argv, message, tmp_path, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+@pytest.mark.usefixtures("one_cpu_thread")
 def test_train_cuda_absent(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         train_py.main(["--pde", "heat", "--device", "cuda", "--out", str(tmp_path / "run")])
     assert stop.value.code == 2 and "no CUDA device" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("one_cpu_thread")
 def test_train_bad_out_and_resume(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     cases = [(["--pde", "heat", "--out", str(tmp_path / "file" / "run")], "is a file, not a folder"),
@@ -702,10 +729,12 @@ def test_train_bad_out_and_resume(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["file", "foreign"]
 
 
+@pytest.mark.usefixtures("one_cpu_thread")
 def test_cli_exit_status_from_the_shell(tmp_path):
     # the two scripts as a user runs them (in parallel: each pays for importing torch)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     runs = [subprocess.Popen([sys.executable, script, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+                             text=True, cwd=os.path.dirname(os.path.abspath(__file__)), env=env)
             for script, argv in (("train.py", ["--pde", "burgers"]),
                                  ("evaluate.py", [str(tmp_path / "missing")]))]
     for proc, message in zip(runs, ("invalid choice: 'burgers'", "does not exist")):
@@ -717,6 +746,7 @@ def test_cli_exit_status_from_the_shell(tmp_path):
 import evaluate as evaluate_py
 
 
+@pytest.mark.usefixtures("one_cpu_thread")
 def test_evaluate_writes_table_metrics_gif_and_png(tiny_run, data_dir, capsys):
     out, _ = tiny_run
     metrics = evaluate_py.main([str(out), "--data-dir", data_dir, "--device", "cpu"])
@@ -735,6 +765,7 @@ def test_evaluate_writes_table_metrics_gif_and_png(tiny_run, data_dir, capsys):
         assert png.size[0] > 100
 
 
+@pytest.mark.usefixtures("one_cpu_thread")
 def test_evaluate_new_mask_resolution_and_free_points(tiny_run, data_dir):
     out, _ = tiny_run
     m = evaluate_py.main([str(out), "--data-dir", data_dir, "--subsampling", "0.5", "--mask-seed", "3",
@@ -746,6 +777,7 @@ def test_evaluate_new_mask_resolution_and_free_points(tiny_run, data_dir):
     assert (out / "eval-res16-s0.5-seed3-points50" / "metrics.json").exists()
 
 
+@pytest.mark.usefixtures("one_cpu_thread")
 def test_forecast_matches_the_evaluation_path(tiny_run, data_dir):
     out, _ = tiny_run
     state = train_py.load_checkpoint(str(out / "best.pt"))
@@ -763,6 +795,7 @@ def test_forecast_matches_the_evaluation_path(tiny_run, data_dir):
     torch.testing.assert_close(evaluate_py.forecast(model, coords, values0, test.t, coords[perm]), pred[:, perm])
 
 
+@pytest.mark.usefixtures("one_cpu_thread")
 def test_spectral_interpolation_is_exact_for_band_limited_fields():
     n = 12
     g = torch.Generator().manual_seed(0)
@@ -788,6 +821,29 @@ def test_spectral_interpolation_is_exact_for_band_limited_fields():
     torch.testing.assert_close(got[0, 0, :, 0].double(), cosines(points[:, 0], points[:, 1]), atol=1e-5, rtol=0)
 
 
+@pytest.mark.usefixtures("one_cpu_thread")
+def test_sphere_interpolation_is_exact_for_band_limited_fields():
+    if not hasattr(solvers, "SphereTransform"):
+        pytest.skip("the sphere solver is not in solvers.py yet")
+    nlat, other = 16, 24
+    g = torch.Generator().manual_seed(0)
+    coef = torch.complex(torch.randn(nlat, nlat, generator=g, dtype=torch.float64),
+                         torch.randn(nlat, nlat, generator=g, dtype=torch.float64))
+    m, l = torch.arange(nlat)[:, None], torch.arange(nlat)[None, :]
+    coef = coef * (l >= m)                                   # c[m, l], l <= nlat - 1
+    coef[0] = coef[0].real.to(coef.dtype)                    # a real field
+    field = solvers.SphereTransform(nlat - 1, nlat).to_grid(coef)               # (nlat, 2 nlat)
+    # the points of another Gauss grid are "anywhere" for this one; there the series is known
+    target = solvers.SphereTransform(nlat - 1, other).to_grid(coef)             # (other, 2 other)
+    mu, _ = solvers.sphere_gauss_latitudes(other)
+    lat = torch.asin(torch.tensor(mu))[:, None].expand(other, 2 * other)
+    lon = (torch.arange(2 * other, dtype=torch.float64) * math.pi / other)[None, :].expand(other, 2 * other)
+    xyz = torch.stack([lat.cos() * lon.cos(), lat.cos() * lon.sin(), lat.sin()], -1).reshape(-1, 3)
+    got = evaluate_py.sphere_interpolate(field[None, None, :, :, None].float(), xyz.float())
+    torch.testing.assert_close(got[0, 0, :, 0].double(), target.reshape(-1), atol=1e-4 * target.abs().max().item(), rtol=0)
+
+
+@pytest.mark.usefixtures("one_cpu_thread")
 def test_evaluate_bad_input_exits_2(tiny_run, tmp_path, data_dir, capsys):
     out, _ = tiny_run
     (tmp_path / "notes.pt").write_text("not a checkpoint")
@@ -803,3 +859,58 @@ def test_evaluate_bad_input_exits_2(tiny_run, tmp_path, data_dir, capsys):
             evaluate_py.main(argv + ["--data-dir", data_dir])
         err = capsys.readouterr().err
         assert stop.value.code == 2 and message in err and err.count("\n") == 1, err
+
+
+BENCH = """
+import resource, statistics, sys, time
+import torch
+import solvers, train
+pde, threads = sys.argv[1], int(sys.argv[2])
+torch.set_num_threads(threads)
+cfg = train.CONFIGS[(pde, "paper")]
+spec = solvers.SPECS[pde]
+windows = {"train": cfg.n_train * spec.windows, "test": cfg.n_test * spec.windows}
+def synthetic(pde, split, *, size, n_trajectories, device, **kwargs):
+    # the paper's shapes with random values: the time per iteration does not depend on them
+    coords = spec.coords(size).float()
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randn(windows[split], spec.window, *coords.shape[:2], spec.channels, generator=g)
+    mask = spec.mask(size)
+    return solvers.PDEData(pde=pde, split=split, frames=frames.to(device), coords=coords.to(device),
+                           t=spec.spacing * torch.arange(spec.window, device=device),
+                           trajectory=torch.arange(windows[split]).to(device),
+                           mask=None if mask is None else mask.to(device), n_in_t=spec.n_in_t)
+train.load_dataset = synthetic
+s = train.build(cfg, device="cpu", data_dir=None)
+ids = torch.arange(cfg.batch_size)
+times = []
+for i in range(6):
+    start = time.perf_counter()
+    train.minibatch_step(s, ids, 0.5, step_networks=True)
+    times.append(time.perf_counter() - start)
+it = statistics.median(times[1:])
+start = time.perf_counter()
+train.evaluate_test(s.model, s.test_set, s.observed, spec.n_in_t)
+ev = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print(f"{pde} paper | {threads} thread(s) | {len(s.values)} windows, {s.n_batches} minibatches of "
+      f"{cfg.batch_size}, {s.observed.sum().item()} observed points | iteration {it:.2f} s (median of 5) | "
+      f"epoch {it * s.n_batches:.1f} s (extrapolated) | test evaluation ({cfg.fit_steps} fit steps) "
+      f"{ev:.1f} s | peak memory {peak:.2f} GiB")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("pde", train_py.PDES)
+def test_benchmark_paper_preset_epoch_time(pde, threads):
+    """Time per epoch of each paper preset on this CPU and its peak memory, in a fresh process per
+    case (peak RSS is per process). Synthetic data of the paper's shapes (generating the real sets
+    takes minutes to tens of minutes; the arithmetic does not depend on the values); 5 minibatches
+    timed after a warm-up, the epoch extrapolated from their median."""
+    if pde not in solvers.SPECS:
+        pytest.skip(f"{pde} is not in load_dataset yet")
+    run = subprocess.run([sys.executable, "-c", BENCH, pde, str(threads)], capture_output=True, text=True,
+                         timeout=1800, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert run.returncode == 0, run.stderr
+    print(run.stdout.strip())

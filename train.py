@@ -90,9 +90,9 @@ CONFIGS = {
                                         coord_scale=1.0, code_dim=200, hidden=256, layers=6,
                                         dyn_hidden=800, batch_size=4, fit_steps=500, eval_every=200),
     # quick: small grids, fewer trajectories, smaller nets; about 10 minutes on 2 CPU cores
-    ("heat", "quick"): replace(_HEAT, size=32, n_train=64, n_test=8, code_dim=32, dyn_hidden=128,
-                               batch_size=16, epochs=400, schedule="minibatch", fit_steps=200,
-                               eval_every=200),
+    ("heat", "quick"): replace(_HEAT, size=32, n_train=128, n_test=8, code_dim=32, dyn_hidden=128,
+                               batch_size=16, epochs=800, schedule="minibatch", fit_steps=200,
+                               eval_every=500),
     ("wave", "quick"): replace(_HEAT, pde="wave", size=32, n_train=16, n_test=2, code_dim=32,
                                dyn_hidden=128, batch_size=16, epochs=400, schedule="minibatch",
                                fit_steps=200, eval_every=200),
@@ -199,26 +199,9 @@ def forecast_codes(model, coords_obs, values_obs, t, *, steps=None, lr=None):
     coords (N, X) or (B, N, X), keep the best code per sample, integrate -> codes (B, T, S, D)."""
     steps = model.fit_steps if steps is None else steps
     lr = model.fit_lr if lr is None else lr
-    with frozen(model):  # only the codes may receive gradients
-        alpha0 = fit_codes(model.decoder, coords_obs, values_obs, steps=steps, lr=lr).codes
+    alpha0 = fit_codes(model.decoder, coords_obs, values_obs, steps=steps, lr=lr).codes   # decoder untouched
     with torch.no_grad():
         return rollout(model.dynamics, alpha0, t)
-
-
-class frozen:
-    """Context: no parameter of `module` accumulates gradients (the epoch schedule keeps summed
-    decoder gradients across minibatches: an evaluation in between must not add to them)."""
-
-    def __init__(self, module):
-        self.module, self.flags = module, None
-
-    def __enter__(self):
-        self.flags = [p.requires_grad for p in self.module.parameters()]
-        self.module.requires_grad_(False)
-
-    def __exit__(self, *exc):
-        for p, flag in zip(self.module.parameters(), self.flags):
-            p.requires_grad_(flag)
 
 
 def relative_mse(pred, truth, frames):
@@ -358,13 +341,15 @@ def build(cfg, *, device, data_dir):
     n_windows, _, _, n_channels = values.shape
     torch.manual_seed(cfg.seed)
     model = DINo(cfg, coord_dim=train_set.coords.shape[-1], n_channels=n_channels).to(device)
-    code_table = CodeTable(n_windows, n_in, n_channels, cfg.code_dim).to(device)
+    # sparse lookups + SparseAdam: a minibatch's step moves only its own rows, as the official code
+    # (one parameter per sequence; Adam skips those without a gradient)
+    code_table = CodeTable(n_windows, n_in, n_channels, cfg.code_dim, sparse=True).to(device)
     return Setup(
         cfg=cfg, train_set=train_set, test_set=test_set, observed=observed, values=values,
         coords_obs=model.map_coords(train_set.coords.flatten(0, 1)[observed]), t_in=train_set.t[:n_in],
         model=model, code_table=code_table,
         optimisers={"decoder": torch.optim.Adam(model.decoder.parameters(), lr=cfg.lr_decoder),
-                    "codes": torch.optim.Adam(code_table.parameters(), lr=cfg.lr_codes),
+                    "codes": code_table.optimizer(lr=cfg.lr_codes),
                     "dynamics": torch.optim.Adam(model.dynamics.parameters(), lr=cfg.lr_dynamics)},
         generators={"shuffle": torch.Generator().manual_seed(cfg.seed + 1),
                     "restart": torch.Generator(device=device).manual_seed(cfg.seed + 2)},
@@ -623,6 +608,8 @@ def parser():
     p.add_argument("--out", help="run folder (default runs/PDE-PRESET); holds last.pt, best.pt, log.txt")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--data-dir", default="data", help="dataset cache folder (default: data)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; on a busy "
+                                               "machine 1 is often much faster)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set code_dim=64 (repeatable; see the list below)")
     return p
@@ -641,7 +628,7 @@ def resolve(args):
         changed = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None and v != getattr(cfg, k)]
         if args.pde not in (None, cfg.pde) or args.preset or args.set or changed:
             raise ValueError(f"--resume continues {args.out!r} with its own settings ({cfg.pde}); "
-                             f"only --epochs, --minutes, --device and --data-dir may be given")
+                             f"only --epochs, --minutes, --device, --threads and --data-dir may be given")
         check_writable(args.out)
         return cfg, state, args.out, device
     if args.pde is None:
@@ -664,6 +651,10 @@ def main(argv=None):
         value = getattr(args, name)
         if value is not None and value < 0:
             parser().error(f"--{name} {value} must not be negative")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser().error(f"--threads {args.threads} must be at least 1")
+        torch.set_num_threads(args.threads)
     try:
         cfg, state, out, device = resolve(args)
     except ValueError as err:
