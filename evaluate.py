@@ -178,8 +178,9 @@ def save_gif(path, truth, pred, t, n_in_t, title):
     truth, pred = truth.cpu().numpy(), pred.cpu().numpy()
     err = pred - truth
     n_windows = truth.shape[0]
-    vmax = np.abs(truth).max() or 1.0
-    emax = np.abs(err).max() or 1.0
+    # colour limits per frame (fields like heat fade 50x over a window): truth and prediction share one
+    vmax = np.maximum(np.abs(truth).max(axis=(0, 2, 3)), 1e-12)                 # (T,)
+    emax = np.maximum(np.abs(err).max(axis=(0, 2, 3)), 1e-12)                   # (T,)
     fig, axes = plt.subplots(3, n_windows, figsize=(1.6 * n_windows + 0.8, 5.4), squeeze=False)
     fig.subplots_adjust(left=0.08, right=0.86, top=0.9, bottom=0.14, hspace=0.08, wspace=0.06)
     images = []
@@ -188,7 +189,7 @@ def save_gif(path, truth, pred, t, n_in_t, title):
                                                    ("error", err, emax, "PuOr_r"))):
         for col in range(n_windows):
             ax = axes[row, col]
-            images.append((ax.imshow(data[col, 0], cmap=cmap, vmin=-lim, vmax=lim), data, col))
+            images.append((ax.imshow(data[col, 0], cmap=cmap, vmin=-lim[0], vmax=lim[0]), data, col, lim))
             ax.set_xticks([])
             ax.set_yticks([])
             if col == 0:
@@ -207,13 +208,14 @@ def save_gif(path, truth, pred, t, n_in_t, title):
     heading = fig.suptitle("", fontsize=10)
 
     def draw(k):
-        for image, data, col in images:
+        for image, data, col, lim in images:
             image.set_data(data[col, k])
+            image.set_clim(-lim[k], lim[k])
         cursor.set_xdata([t[k], t[k]])
         when = "In-t (inside the training horizon)" if k < n_in_t else "Out-t (BEYOND the training horizon)"
         heading.set_text(f"{title}   t = {t[k]:.2f}   {when}")
         heading.set_color("black" if k < n_in_t else "firebrick")
-        return [image for image, _, _ in images] + [heading, cursor]
+        return [image for image, *_ in images] + [heading, cursor]
 
     animation = FuncAnimation(fig, draw, frames=len(t), blit=False)
     save_atomic(path, lambda tmp: animation.save(tmp, writer=PillowWriter(fps=4), dpi=72))
@@ -316,8 +318,10 @@ def evaluate(path, *, device="cpu", subsampling=None, mask_seed=None, resolution
     if pictures:
         files += draw(out, cfg, test, pred, n_in, observed)
     metrics["files"] = files + ["metrics.json"]
-    save_atomic(os.path.join(out, "metrics.json"),
-                lambda tmp: open(tmp, "w").write(json.dumps(metrics, indent=1) + "\n"))
+    def write_json(tmp):
+        with open(tmp, "w") as f:
+            json.dump(metrics, f, indent=1)
+    save_atomic(os.path.join(out, "metrics.json"), write_json)
     log(f"{cfg.pde} | {metrics['checkpoint']} (epoch {state['epoch']}, iteration {state['iteration']}) | "
         f"{len(truth)} test windows on {grid} | observed: {how}, {100 * metrics['observed_fraction']:.1f}% | "
         f"alpha_0 fitted in {steps} steps")
