@@ -181,7 +181,8 @@ def save_gif(path, truth, pred, t, n_in_t, title):
     # colour limits per frame (fields like heat fade 50x over a window): truth and prediction share one
     vmax = np.maximum(np.abs(truth).max(axis=(0, 2, 3)), 1e-12)                 # (T,)
     emax = np.maximum(np.abs(err).max(axis=(0, 2, 3)), 1e-12)                   # (T,)
-    fig, axes = plt.subplots(3, n_windows, figsize=(1.6 * n_windows + 0.8, 5.4), squeeze=False)
+    aspect = truth.shape[3] / truth.shape[2]                                    # W / H (sphere: 2)
+    fig, axes = plt.subplots(3, n_windows, figsize=(1.6 * aspect * n_windows + 0.8, 5.4), squeeze=False)
     fig.subplots_adjust(left=0.08, right=0.86, top=0.9, bottom=0.14, hspace=0.08, wspace=0.06)
     images = []
     for row, (name, data, lim, cmap) in enumerate((("truth", truth, vmax, "RdBu_r"),
@@ -397,7 +398,7 @@ def free_form(model, cfg, codes, resolution, n_points, seed, n_in, data_dir, dev
 def draw(out, cfg, test, pred, n_in, observed):
     """One GIF per state channel (a few windows) and the MSE-vs-time PNG; returns file names."""
     B, T, H, W, S = test.frames.shape
-    shown = min(B, 4)
+    shown = min(B, 4 if H == W else 2)                                    # the sphere's panels are 2:1
     grid_pred = pred[:shown].view(shown, T, H, W, S)
     t = test.t.cpu().numpy()
     files = []
