@@ -11,7 +11,7 @@ Usage:
     python evaluate.py runs/heat-quick                    # best.pt; table, metrics.json, GIFs, PNG
     python evaluate.py runs/heat-quick/last.pt --subsampling 0.25 --mask-seed 7   # a new grid (Table 3)
     python evaluate.py runs/heat-quick --resolution 64    # the same initial fields on a finer grid
-    python evaluate.py runs/sw-quick --resolution 64      # sphere: observe the training grid, decode 2x finer
+    python evaluate.py runs/shallow-water-quick --resolution 64   # sphere: observe the training grid, decode 2x finer
     python evaluate.py runs/heat-quick --points 2048      # free-form points anywhere in the domain
 Files land in RUN/eval[-conditions]/ (or --out) and are named in the output.
 
@@ -436,7 +436,9 @@ def default_out(path, cfg, subsampling, mask_seed, resolution, points):
 
 
 def parser():
-    p = Parser(prog="evaluate.py", description="Evaluate a DINo run on its test set (see the docstring).")
+    p = Parser(prog="evaluate.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+               description="Forecast every test window from its first frame and score it.\n"
+                           + __doc__[__doc__.index("Usage:"):__doc__.index("For users,")].rstrip())
     p.add_argument("run", help="run folder (uses its best.pt) or a checkpoint file written by train.py")
     p.add_argument("--subsampling", type=rate, metavar="RATE",
                    help="observe this fraction of the grid, in (0, 1] (default: the training rate)")

@@ -778,6 +778,19 @@ def test_evaluate_new_mask_resolution_and_free_points(tiny_run, data_dir):
 
 
 @pytest.mark.usefixtures("one_cpu_thread")
+def test_train_and_evaluate_on_a_random_half_of_the_points(tmp_path, data_dir):
+    out = tmp_path / "half"
+    train_py.main(tiny_argv(out, data_dir, "--epochs", "2", "--subsampling", "0.5", "--mask-seed", "4"))
+    state = torch.load(out / "last.pt", weights_only=False)
+    mask = state["mask"]                                             # (H, W) bool, the observed points
+    data = train_py.load_dataset("heat", "train", size=8, data_dir=data_dir, n_trajectories=4, verbose=False)
+    assert torch.equal(mask, train_py.observation_mask(data, 0.5, seed=4)) and 0.3 < mask.float().mean() < 0.7
+    m = evaluate_py.main([str(out), "--data-dir", data_dir, "--no-pictures"])
+    assert m["observed"] == "the training mask" and m["observed_fraction"] == mask.float().mean().item()
+    assert m["mse"]["in_t"]["in_s"] is not None and m["mse"]["in_t"]["out_s"] is not None
+
+
+@pytest.mark.usefixtures("one_cpu_thread")
 def test_forecast_matches_the_evaluation_path(tiny_run, data_dir):
     out, _ = tiny_run
     state = train_py.load_checkpoint(str(out / "best.pt"))

@@ -12,7 +12,7 @@ dynamics once per epoch on gradients summed over its minibatches. `--schedule mi
 all three every minibatch (measured in README).
 
 Usage:
-    python train.py --pde heat --preset quick              # about 10 minutes on a 2-core CPU
+    python train.py --pde heat --preset quick --threads 1  # about 6 minutes on a CPU (README)
     python train.py --pde navier-stokes --device cuda      # the paper's sizes
     python train.py --out runs/heat-quick --resume         # continue a run where it stopped
     python evaluate.py runs/heat-quick                     # metrics, GIFs, error plot
@@ -91,7 +91,7 @@ CONFIGS = {
                                         coord_scale=0.5, code_dim=200, hidden=256, layers=6,
                                         dyn_hidden=800, batch_size=4, fit_steps=500, eval_every=200),
     # quick: small grids, fewer trajectories, smaller nets, every minibatch steps everything (the
-    # paper's schedule learns several times slower per second: README); about 10 minutes on 2 CPU cores
+    # paper's schedule reaches the same error 2.7x later: README); 6-7 minutes on one CPU core
     ("heat", "quick"): replace(_HEAT, size=32, n_train=128, n_test=8, code_dim=32, dyn_hidden=128,
                                batch_size=16, epochs=800, schedule="minibatch", fit_steps=200,
                                eval_every=500),
@@ -590,12 +590,15 @@ def check_writable(out):
 
 
 def parser():
-    p = Parser(prog="train.py", description="Train DINo on one PDE (see the docstring of train.py).",
-               epilog="Config fields for --set: " + ", ".join(f.name for f in fields(Config) if f.name != "pde"))
+    p = Parser(prog="train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+               description="Train DINo (decoder, codes and latent dynamics) on one PDE.\n"
+                           + __doc__[__doc__.index("Usage:"):__doc__.index("Every `eval_every`")].rstrip(),
+               epilog="config fields for --set (see the Config table in train.py): "
+                      + ", ".join(f.name for f in fields(Config) if f.name != "pde"))
     p.add_argument("--pde", choices=PDES, help="which dataset (required unless --resume)")
     p.add_argument("--preset", choices=PRESETS, default=None,
                    help="'paper': the official sizes and schedule (for a GPU); 'quick': small grid and nets, "
-                        "about 10 minutes on a 2-core CPU (default: paper)")
+                        "6-7 minutes on one CPU core (default: paper)")
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--subsampling", type=rate, metavar="RATE",
                    help="fraction of grid points observed, in (0, 1] (paper: 0.05, 0.25, 1); a random mask "
