@@ -695,6 +695,7 @@ def test_observation_mask_rate_and_seed(data_dir):
     (["--pde", "heat", "--set", "colour=red"], "'colour=red'"),
     (["--pde", "heat", "--epochs", "-1"], "--epochs -1"),
     (["--resume"], "--resume needs --out"),
+    (["--pde", "heat", "--set", "n_train=100000", "--data-dir", "unused"], "n_trajectories must be in 1..256"),
 ])
 @pytest.mark.usefixtures("one_cpu_thread")
 def test_train_bad_input_exits_2_with_one_line(argv, message, tmp_path, capsys):

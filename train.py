@@ -315,6 +315,10 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class BadData(ValueError):
+    """load_dataset refused the config's data settings (raised before anything is written)."""
+
+
 @dataclass
 class Setup:
     """Everything a run builds once: data on the device, networks, codes, optimisers, RNGs."""
@@ -430,7 +434,10 @@ def train(cfg, *, out, device="cpu", epochs=None, minutes=None, resume=None, dat
     """Train DINo with `cfg` into folder `out`; `resume`: a checkpoint dict to continue exactly."""
     check_config(cfg)
     epochs = cfg.epochs if epochs is None else epochs
-    s = build(cfg, device=device, data_dir=data_dir)
+    try:
+        s = build(cfg, device=device, data_dir=data_dir)
+    except ValueError as err:
+        raise BadData(str(err)) from None
     progress = new_progress() if resume is None else restore(s, resume)
     os.makedirs(out, exist_ok=True)
     log_file = open(os.path.join(out, "log.txt"), "a")
@@ -667,6 +674,8 @@ def main(argv=None):
     try:
         return train(cfg, out=out, device=device, epochs=args.epochs, minutes=args.minutes, resume=state,
                      data_dir=args.data_dir)
+    except BadData as err:
+        parser().error(str(err))
     except NonFiniteLoss as err:
         print(f"train.py: stopped: non-finite loss ({err}); the last good checkpoint is {out}/last.pt "
               f"(if any). Try a smaller learning rate (--set lr_decoder=...).", file=sys.stderr)
