@@ -53,8 +53,8 @@ class Config:
     mask_seed: int = 0          # seed of that random observation mask
     # coordinates: the decoder sees (x + coord_shift) * coord_scale (the official code feeds
     # planar points in [0, 0.5], the range its input_scale of 64 was tuned for)
-    coord_shift: float = 1.0
-    coord_scale: float = 0.25
+    coord_shift: float = 1.0    # added to physical coordinates (planar [-1, 1] -> [0, 2])
+    coord_scale: float = 0.25   # then multiplied (-> [0, 0.5]); stored in every checkpoint
     # model (settings.md, "Model")
     code_dim: int = 100         # D: code size per state channel
     hidden: int = 64            # decoder width K
@@ -85,7 +85,7 @@ CONFIGS = {
     ("wave", "paper"): replace(_HEAT, pde="wave", n_train=64, n_test=4, code_dim=50, dyn_hidden=256,
                                fit_steps=500),
     ("navier-stokes", "paper"): replace(_HEAT, pde="navier-stokes", coord_shift=0.0, coord_scale=0.5),
-    # sphere: xyz on the unit sphere scaled by 0.5 (measured on the quick preset: 0.5 beat 1 and 2);
+    # sphere: xyz on the unit sphere scaled by 0.5 (quick preset: 0.5 beat 0.25, 1 and 2, README);
     # 128 x 64 grid with the latitude-thinning mask; 8 / 2 trajectories of 8 windows
     ("shallow-water", "paper"): replace(_HEAT, pde="shallow-water", n_train=8, n_test=2, coord_shift=0.0,
                                         coord_scale=0.5, code_dim=200, hidden=256, layers=6,
