@@ -26,6 +26,7 @@ import random
 import signal
 import sys
 import tempfile
+import threading
 import time
 import typing
 from dataclasses import asdict, dataclass, fields, replace
@@ -464,7 +465,9 @@ def train(cfg, *, out, device="cpu", epochs=None, minutes=None, resume=None, dat
         stop["signal"] = True
         signal.signal(signal.SIGINT, previous_handler)
 
-    signal.signal(signal.SIGINT, on_interrupt)
+    in_main_thread = threading.current_thread() is threading.main_thread()   # signals live there only
+    if in_main_thread:
+        signal.signal(signal.SIGINT, on_interrupt)
     start, first_iteration, elapsed_before = time.time(), progress["iteration"], progress["elapsed"]
 
     def evaluate_and_save():
@@ -522,7 +525,8 @@ def train(cfg, *, out, device="cpu", epochs=None, minutes=None, resume=None, dat
         elif not progress["history"] or progress["history"][-1]["iteration"] != progress["iteration"]:
             evaluate_and_save()
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous_handler)
         log_file.close()
     return TrainResult(out=out, epoch=progress["epoch"], iteration=progress["iteration"], stopped=stopped,
                        best_train=progress["best_train"], history=progress["history"])
