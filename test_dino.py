@@ -154,3 +154,22 @@ def test_shallow_water_dataset_seeds_grids_and_mask():
         shallow_water_trajectories("valid", [0], **kw)
     with pytest.raises(ValueError, match="nlat dividing"):
         sphere_coords(48, 96)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("sphere_one_thread")
+def test_sphere_galewsky_t127_rolls_up():
+    # Full size (256x128, dt 600 s, Dedalus's settings, ~2 min): the jet stays zonal for about 3 days,
+    # then barotropic instability rolls it up at 30-60 N by day 6; mass exact, energy only falls.
+    s = SphereShallowWater(128, dt=600.0)
+    x = sphere_galewsky_state(s, bump="dedalus")
+    m0, e0 = s.mass(x), s.energy(x)
+    nonzonal = []
+    for day in range(6):
+        x = s.advance(x, 144)
+        north = s.vorticity(x)[0, :64]
+        nonzonal.append(((north - north.mean(-1, keepdim=True)).norm() / north.norm()).item())
+        print(f"day {day + 1}: non-zonal fraction of northern vorticity {nonzonal[-1]:.3f}")
+    assert nonzonal[2] < 0.2 and nonzonal[5] > 0.5
+    assert ((s.mass(x) - m0).abs() / m0).item() <= 1e-12
+    assert (s.energy(x) < e0).all()
