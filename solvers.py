@@ -445,7 +445,7 @@ def _sphere_run_frames(solver, out_grid, *, stride, u_max, split, size, hours, s
             x = solver.advance(x, steps_per_hour)
         if verbose and ((hour + 1) % 40 == 0 or hour + 1 == hours[1]):
             elapsed = time.perf_counter() - start
-            print(f"  shallow-water {split} x{len(u_max)} at {2 * sim_nlat}x{sim_nlat}: hour {hour + 1}/{hours[1]}, "
+            print(f"  shallow-water {split} x{len(u_max)} at {2 * solver.grid.nlat}x{solver.grid.nlat}: hour {hour + 1}/{hours[1]}, "
                   f"{elapsed:.0f} s, ETA {elapsed / (hour + 1) * (hours[1] - hour - 1):.0f} s", flush=True)
     if not torch.isfinite(frames).all():
         raise RuntimeError("shallow-water simulation blew up (non-finite values); reduce the time step")
