@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from scipy.fft import dctn
 
-from solvers import load_dataset
+from solvers import SPECS, SphereTransform, load_dataset, sphere_legendre
 from train import (Parser, check_writable, flatten, forecast_codes, load_checkpoint, model_from_checkpoint,
                    observation_mask, rate, resolve_device)
 
@@ -339,7 +339,6 @@ def sphere_interpolate(frames, points):
     """Exact values of band-limited sphere fields at arbitrary points: analyse the fields on the
     data's full Gauss grid into spherical harmonics (exact there: Gauss quadrature, l <= nlat - 1)
     and sum the series at the points. frames (B, T, nlat, 2 nlat, S); points (Nq, 3) xyz -> (B, T, Nq, S)."""
-    from solvers import SphereTransform, sphere_legendre   # the sphere solver's own transform
     nlat = frames.shape[2]
     transform = SphereTransform(nlat - 1, nlat)
     points = points.cpu().double()
@@ -371,12 +370,12 @@ def free_form(model, cfg, codes, resolution, n_points, seed, n_in, data_dir, dev
     Fourier series for the periodic ones) of the same test fields on a grid of at least 64 points
     (the size the data are simulated at); the sphere by spherical harmonics of the full 256x128 grid."""
     if cfg.pde == "shallow-water":
-        from solvers import SPHERE_DATA_NLAT
-        fine = load_dataset(cfg.pde, "test", size=SPHERE_DATA_NLAT, data_dir=data_dir,
-                            n_trajectories=cfg.n_test, device=device)
+        nlat = SPECS[cfg.pde].cut_from                                    # the simulation grid
+        fine = load_dataset(cfg.pde, "test", size=nlat, data_dir=data_dir, n_trajectories=cfg.n_test,
+                            device=device)
         query = sphere_points(n_points, seed).to(device)                  # (Nq, 3)
         truth = sphere_interpolate(fine.frames, query)                    # (B, T, Nq, S)
-        how = f"spherical-harmonic series of the {2 * SPHERE_DATA_NLAT}x{SPHERE_DATA_NLAT} test fields"
+        how = f"spherical-harmonic series of the {2 * nlat}x{nlat} test fields"
     else:
         boundary = BOUNDARY[cfg.pde]
         size = max(64, resolution)

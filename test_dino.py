@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,6 +16,10 @@ from scipy.linalg import expm
 
 import grf
 import solvers
+
+# Every check uses tiny tensors: on a shared, loaded 2-core machine, thread hand-offs cost far more
+# than the arithmetic (measured 5-100x slower with two threads), so the whole suite runs on one.
+torch.set_num_threads(1)
 
 # ---- grf
 
@@ -197,14 +202,36 @@ def test_load_dataset_wave_nested_grid_and_errors(tmp_path):
     # Train and test differ (disjoint seeds).
     train = solvers.load_dataset("wave", "train", data_dir=d, n_trajectories=1, size=32, verbose=False)
     assert not torch.allclose(train.frames[0, 0], w32.frames[0, 0])
-    with pytest.raises(ValueError, match="shallow-water"):
-        solvers.load_dataset("shallow-water", "train", data_dir=d)
+    with pytest.raises(ValueError, match="size 48 is not allowed for shallow-water.*allowed: 4, 8, 16, 32, 64, 128"):
+        solvers.load_dataset("shallow-water", "train", size=48, data_dir=d)
     with pytest.raises(ValueError, match="unknown pde 'burgers'"):
         solvers.load_dataset("burgers", "train", data_dir=d)
     with pytest.raises(ValueError, match="n_trajectories"):
         solvers.load_dataset("wave", "test", data_dir=d, n_trajectories=5)
     with pytest.raises(ValueError, match="split"):
         solvers.load_dataset("wave", "valid", data_dir=d)
+
+
+def test_load_dataset_cuts_small_sphere_sets_from_the_simulation_grid(tmp_path, monkeypatch):
+    # The real set simulates 320 hours at 256x128 (minutes); the same path with a 32x16 simulation
+    # of 4 hours (2 windows of 2 frames) checks the cutting, the shapes and the cache.
+    spec = replace(solvers.SPECS["shallow-water"], windows=2, window=2, n_in_t=1, cut_from=16,
+                   make=lambda split, indices, size, verbose=False: solvers.shallow_water_trajectories(
+                       split, indices, size=size, sim_nlat=16, hours=(0, 4), verbose=False))
+    monkeypatch.setitem(solvers.SPECS, "shallow-water", spec)
+    d = str(tmp_path)
+    small = solvers.load_dataset("shallow-water", "train", size=8, data_dir=d, n_trajectories=2, verbose=False)
+    cached = sorted(name.split("traj-")[0] for name in os.listdir(d))       # the 16-latitude set was made first
+    assert cached == ["shallow-water-train-16px-2", "shallow-water-train-8px-2"]
+    full = solvers.load_dataset("shallow-water", "train", size=16, data_dir=d, n_trajectories=2, verbose=False)
+    assert full.frames.shape == (4, 2, 16, 32, 2) and small.frames.shape == (4, 2, 8, 16, 2)
+    assert torch.equal(small.frames, full.frames[:, :, ::2, ::2])            # the same simulation, every other point
+    assert torch.equal(small.coords, solvers.sphere_coords(8)) and torch.equal(small.mask, solvers.latitude_mask(8))
+    direct = solvers.shallow_water_trajectories("train", [1], size=16, sim_nlat=16, hours=(0, 4), verbose=False)
+    assert torch.equal(full.frames[2:].flatten(0, 1), direct[0])            # windows are trajectory-major
+    assert small.trajectory.tolist() == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match="size 12 is not allowed"):
+        solvers.load_dataset("shallow-water", "train", size=12, data_dir=d, n_trajectories=2, verbose=False)
 
 
 @pytest.mark.slow
@@ -214,18 +241,162 @@ def test_bench_navier_stokes_beats_official_scheme():
     assert r["speedup"] >= 5 and r["ours_err"] < r["official_err"]
 
 
+# ---- shallow water on the sphere (solvers.py)
+from scipy.special import factorial, lpmv
+
+from solvers import (SPHERE_GRAVITY, SPHERE_HYPERDIFFUSION, SPHERE_RADIUS, SphereShallowWater, SphereTransform,
+                     latitude_mask, shallow_water_trajectories, sphere_coords, sphere_galewsky_state,
+                     sphere_legendre, sphere_williamson2_state)
+
+
+def _random_band_limited(lmax, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.complex(torch.randn(n, lmax + 1, lmax + 1, generator=g, dtype=torch.float64),
+                      torch.randn(n, lmax + 1, lmax + 1, generator=g, dtype=torch.float64))
+    c[:, 0] = c[:, 0].real                                         # m = 0 coefficients of a real field
+    return c * (torch.arange(lmax + 1)[None, :] >= torch.arange(lmax + 1)[:, None])
+
+
+def test_sphere_legendre_matches_scipy():
+    mu = np.linspace(-0.99, 0.99, 11)
+    P, H = sphere_legendre(20, mu)
+    for l, m in [(0, 0), (5, 0), (7, 3), (20, 20), (20, 11)]:
+        norm = math.sqrt((2 * l + 1) / 2 * factorial(l - m) / factorial(l + m)) * (-1) ** m
+        np.testing.assert_allclose(P[m, l], norm * lpmv(m, l, mu), rtol=1e-11, atol=1e-13)
+        h = 1e-6                                                   # H = (1 - mu^2) dP/dmu, by differences
+        fd = (sphere_legendre(20, mu + h)[0][m, l] - sphere_legendre(20, mu - h)[0][m, l]) / (2 * h)
+        np.testing.assert_allclose(H[m, l], (1 - mu**2) * fd, atol=1e-7)
+
+
+def test_sphere_transform_round_trips_band_limited_fields():
+    T = SphereTransform(23, 24)
+    c = _random_band_limited(23, 3)
+    assert (T.to_spec(T.to_grid(c)) - c).abs().max() < 1e-12 * c.abs().max()
+    vort, div = _random_band_limited(23, 2, seed=1), _random_band_limited(23, 2, seed=2)
+    vort[:, 0, 0] = div[:, 0, 0] = 0                               # a velocity has no l = 0 curl or divergence
+    u, v = T.velocity(vort, div)
+    curl2, div2 = T.curl_div(u, v)
+    assert (curl2 - vort).abs().max() < 1e-12 * vort.abs().max()
+    assert (div2 - div).abs().max() < 1e-12 * div.abs().max()
+
+
+@pytest.mark.parametrize("l, m, field", [
+    (4, 0, lambda lat, lon: 35 * torch.sin(lat)**4 - 30 * torch.sin(lat)**2 + 3 + 0 * lon),
+    (2, 1, lambda lat, lon: torch.sin(lat) * torch.cos(lat) * torch.cos(lon)),
+    (3, 2, lambda lat, lon: torch.cos(lat)**2 * torch.sin(lat) * torch.sin(2 * lon)),
+])
+def test_sphere_laplacian_of_harmonic(l, m, field):
+    # Lap Y = div grad Y with grad Y by automatic differentiation on the grid: checks the vector
+    # transforms (both directions) against the eigenvalue -l(l+1)/R^2 the solver uses.
+    T, R = SphereTransform(15, 16), SPHERE_RADIUS
+    lat = torch.asin(T.mu)[:, None].expand(-1, T.nlon).clone().requires_grad_()
+    lon = T.lon[None, :].expand(T.nlat, -1).clone().requires_grad_()
+    y = field(lat, lon)                                            # (nlat, nlon) Y_l^m up to a constant
+    dlat, dlon = torch.autograd.grad(y.sum(), [lat, lon])
+    y, u, v = y.detach(), dlon / (R * torch.cos(lat.detach())), dlat / R     # grad Y, eastward / northward
+    c = T.to_spec(y)
+    assert (c.abs() > 1e-12 * c.abs().max()).sum() == 1 and c[m, l].abs() > 0
+    curl, div = T.curl_div(u, v, R)
+    torch.testing.assert_close(div, -l * (l + 1) / R**2 * c, rtol=0, atol=1e-12 * c.abs().max() / R**2)
+    assert curl.abs().max() < 1e-12 * c.abs().max() / R**2
+    u2, v2 = T.velocity(torch.zeros_like(c), div, R)
+    torch.testing.assert_close(u2, u, rtol=0, atol=1e-12 * u.abs().max())
+    torch.testing.assert_close(v2, v, rtol=0, atol=1e-12 * v.abs().max())
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.7])
+def test_sphere_williamson2_stays_steady(alpha):
+    # alpha != 0 tilts the rotation axis: f is then a full 2-D field and v != 0
+    kw = dict(dt=1800.0, mean_depth=2.94e4 / SPHERE_GRAVITY, coriolis_tilt=alpha)
+    for nu, tol in [(0.0, 1e-12), (SPHERE_HYPERDIFFUSION, 1e-5)]:
+        s = SphereShallowWater(16, hyperdiffusion=nu, **kw)
+        x0 = sphere_williamson2_state(s, alpha=alpha)
+        x = s.advance(x0, 48)                                      # one day
+        h0, h1 = s.height(x0) + s.mean_depth, s.height(x) + s.mean_depth
+        assert ((h1 - h0).norm() / h0.norm()) < tol
+        assert ((s.vorticity(x) - s.vorticity(x0)).norm() / s.vorticity(x0).norm()) < tol * 10
+    wrong = SphereShallowWater(16, hyperdiffusion=0.0, dt=1800.0, mean_depth=2.94e4 / SPHERE_GRAVITY)
+    x0 = sphere_williamson2_state(wrong, alpha=0.7)                # axis mismatch must NOT be steady
+    assert ((wrong.height(wrong.advance(x0, 12)) - wrong.height(x0)).norm() / wrong.height(x0).norm()) > 1e-3
+
+
+def test_sphere_galewsky_balance_mass_and_energy():
+    s = SphereShallowWater(32, dt=1800.0, hyperdiffusion=0.0)
+    jet = sphere_galewsky_state(s, u_max=[60.0, 80.0], bump=None, mirror=True)
+    assert (s.tendency(jet) + s.linear(jet))[:, 1].abs().max() < 1e-12 * s.lap.max() * 9.8 * jet[:, 2].abs().max()
+    assert jet[:, 2, 0, 0].abs().max() == 0                       # mean height deviation zero
+    x = sphere_galewsky_state(s, u_max=[60.0, 80.0], bump="galewsky", mirror=True)
+    m0, e0 = s.mass(x), s.energy(x)
+    quad = (s.grid.to_grid(x[:, 2]).mean(-1) * s.grid.weights).sum(-1) * 2 * math.pi * SPHERE_RADIUS**2
+    torch.testing.assert_close(m0 - 4 * math.pi * SPHERE_RADIUS**2 * s.mean_depth, quad, rtol=1e-10, atol=0)
+    x = s.advance(x, 24)                                           # 12 hours, no dissipation
+    assert ((s.mass(x) - m0).abs() / m0).max() <= 1e-12
+    drift_inviscid = ((s.energy(x) - e0).abs() / e0).max()    # spectral truncation only: ~1e-5
+    assert drift_inviscid < 3e-5
+    damped = SphereShallowWater(32, dt=1800.0)                     # Dedalus's hyperdiffusion: energy only falls
+    x, energies = sphere_galewsky_state(damped, u_max=[60.0, 80.0], bump="galewsky", mirror=True), []
+    for _ in range(7):
+        energies.append(damped.energy(x))
+        x = damped.advance(x, 4)
+    drops = torch.stack(energies).diff(dim=0)                      # (6, B) per 2 hours
+    assert (drops < 0).all() and (-drops.sum(0) / e0).min() > 100 * drift_inviscid
+    assert ((damped.mass(x) - m0).abs() / m0).max() <= 1e-12
+
+
+def test_sphere_imex_time_stepping_is_second_order():
+    def run(dt):
+        s = SphereShallowWater(16, dt=dt)
+        return s.vorticity(s.advance(sphere_galewsky_state(s, bump="galewsky"), int(21600 / dt)))
+    ref, coarse, fine = run(225.0), run(1800.0), run(900.0)
+    ratio = (coarse - ref).norm() / (fine - ref).norm()
+    assert 3.0 < ratio < 5.5
+
+
+def test_shallow_water_dataset_seeds_grids_and_mask():
+    kw = dict(sim_nlat=16, hours=(2, 4), verbose=False)
+    pair = shallow_water_trajectories("train", [3, 5], size=16, **kw)
+    assert pair.shape == (2, 2, 16, 32, 2) and pair.dtype == torch.float32 and torch.isfinite(pair).all()
+    alone = shallow_water_trajectories("train", [5], size=16, **{**kw, "verbose": True})
+    torch.testing.assert_close(alone[0], pair[1], rtol=0, atol=1e-5)          # depends on (split, index) only
+    test = shallow_water_trajectories("test", [3], size=16, **kw)
+    assert (test[0] - pair[0]).abs().max() > 1e-3                            # disjoint seeds
+    coarse = shallow_water_trajectories("train", [3], size=8, **kw)
+    torch.testing.assert_close(coarse[0], pair[0, :, ::2, ::2], rtol=0, atol=1e-5)   # every other point
+    xyz = sphere_coords(16, 32)
+    assert xyz.shape == (16, 32, 3) and torch.allclose(xyz.norm(dim=-1), torch.ones(16, 32))
+    torch.testing.assert_close(sphere_coords(8, 16), xyz[::2, ::2])
+    mask = latitude_mask(64, 128)
+    kept = mask.sum(1).float()                                   # (nlat,) about nlon cos(lat) per latitude
+    cos_lat = torch.sqrt(1 - sphere_coords(64, 128)[:, 0, 2].double() ** 2)
+    assert mask.shape == (64, 128) and ((kept - 128 * cos_lat).abs() <= 1.5).all()
+    with pytest.raises(ValueError, match="split"):
+        shallow_water_trajectories("valid", [0], **kw)
+    with pytest.raises(ValueError, match="nlat dividing"):
+        sphere_coords(48, 96)
+
+
+@pytest.mark.slow
+def test_sphere_galewsky_t127_rolls_up():
+    # Full size (256x128, dt 600 s, Dedalus's settings, ~2 min): the jet stays zonal for about 3 days,
+    # then barotropic instability rolls it up at 30-60 N by day 6; mass exact, energy only falls.
+    s = SphereShallowWater(128, dt=600.0)
+    x = sphere_galewsky_state(s, bump="dedalus")
+    m0, e0 = s.mass(x), s.energy(x)
+    nonzonal = []
+    for day in range(6):
+        x = s.advance(x, 144)
+        north = s.vorticity(x)[0, :64]
+        nonzonal.append(((north - north.mean(-1, keepdim=True)).norm() / north.norm()).item())
+        print(f"day {day + 1}: non-zonal fraction of northern vorticity {nonzonal[-1]:.3f}")
+    mass_drift, energy_change = ((s.mass(x) - m0) / m0).item(), ((s.energy(x) - e0) / e0).item()
+    print(f"6 days: relative mass change {mass_drift:.1e}, relative energy change {energy_change:.2e}")
+    assert nonzonal[2] < 0.2 and nonzonal[5] > 0.5
+    assert abs(mass_drift) <= 1e-12
+    assert (s.energy(x) < e0).all()
+
+
 # ---- inr
 from inr import Decoder, decoder_parameter_count
-
-
-@pytest.fixture
-def one_thread():
-    """These tests use tiny tensors: on a shared, loaded machine, thread hand-offs cost far more than
-    the arithmetic (seconds instead of milliseconds), so they run on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def grid_coords(size, dtype=torch.float32):
@@ -254,7 +425,6 @@ def small_decoder(coord_dim=2, code_dim=6, hidden=8, layers=2, dtype=torch.float
     return Decoder(coord_dim=coord_dim, code_dim=code_dim, hidden=hidden, layers=layers).to(dtype)
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_decoder_shapes_grids_point_clouds_batched():
     dec = small_decoder(dtype=torch.float32)
     coords = grid_coords(4)                                               # (16, 2)
@@ -267,7 +437,6 @@ def test_decoder_shapes_grids_point_clouds_batched():
     assert sphere(xyz, torch.randn(2, 3, 6)).shape == (2, 11, 3)
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_decoder_fast_route_equals_direct_and_naive_formula():
     dec = small_decoder()
     coords = torch.rand(9, 2, dtype=torch.float64) * 0.5
@@ -292,7 +461,6 @@ def test_decoder_fast_route_equals_direct_and_naive_formula():
         torch.testing.assert_close(g_fast, g_direct)
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_decoder_is_affine_in_the_code():
     dec = small_decoder()
     coords = torch.rand(9, 2, dtype=torch.float64)
@@ -301,7 +469,6 @@ def test_decoder_is_affine_in_the_code():
     torch.testing.assert_close(dec(coords, code)[:, 0], parts.offset[0] + parts.jacobian[0] @ code[0])
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_decoder_code_changes_only_its_own_output():
     dec = small_decoder(dtype=torch.float32)
     coords, codes = grid_coords(4), torch.randn(3, 2, 6)
@@ -313,7 +480,6 @@ def test_decoder_code_changes_only_its_own_output():
     torch.testing.assert_close(after[1, :, 1], before[1, :, 1])          # nor the other channel
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_decoder_has_no_hidden_dependence_on_point_order():
     dec = small_decoder(dtype=torch.float32)
     coords, codes = grid_coords(6), torch.randn(2, 1, 6)
@@ -326,7 +492,6 @@ def test_decoder_has_no_hidden_dependence_on_point_order():
     (2, 50, 64, 3, 25_793),       # wave (2 channels share the decoder)
     (3, 200, 256, 6, 757_121),    # shallow water
 ])
-@pytest.mark.usefixtures("one_thread")
 def test_decoder_parameter_count(coord_dim, code_dim, hidden, layers, official):
     dec = Decoder(coord_dim=coord_dim, code_dim=code_dim, hidden=hidden, layers=layers)
     count = sum(p.numel() for p in dec.parameters())
@@ -336,7 +501,6 @@ def test_decoder_parameter_count(coord_dim, code_dim, hidden, layers, official):
     assert count + hidden * coord_dim == official
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_decoder_float64_and_bad_input():
     dec = small_decoder(dtype=torch.float64)
     assert dec(torch.rand(5, 2, dtype=torch.float64), torch.randn(1, 6, dtype=torch.float64)).dtype == torch.float64
@@ -373,14 +537,12 @@ class PlainDecoder(torch.nn.Module):
         return self.inner(coords, codes)
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_toy_linear_autodecoding_learns(capsys):
     result = toy_linear_autodecoding(rounds=100)
     assert result.loss_after < result.loss_before / 100
     assert "loss before" in capsys.readouterr().out
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_fit_codes_recovers_known_codes():
     dec, coords, values = known_code_problem()
     fit = fit_codes(dec, coords, values, steps=300, lr=1e-2)
@@ -390,7 +552,6 @@ def test_fit_codes_recovers_known_codes():
     torch.testing.assert_close(fit.loss, (dec(coords, fit.codes) - values).pow(2).mean(dim=(1, 2)))
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_fit_codes_batched_equals_each_sample_alone_and_generic_path():
     dec, coords, values = known_code_problem()
     mask = torch.rand(4, 64, generator=torch.Generator().manual_seed(1)) < 0.6    # (B, N)
@@ -403,7 +564,6 @@ def test_fit_codes_batched_equals_each_sample_alone_and_generic_path():
     torch.testing.assert_close(generic.codes, batched.codes, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_fit_codes_mask_and_per_sample_points():
     dec, coords, values = known_code_problem()
     mask = torch.rand(64, generator=torch.Generator().manual_seed(2)) < 0.5      # (N,)
@@ -417,7 +577,6 @@ def test_fit_codes_mask_and_per_sample_points():
     torch.testing.assert_close(per_sample.codes, fit.codes)
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_fit_codes_leaves_decoder_alone_and_rejects_bad_input():
     dec, coords, values = known_code_problem()
     before = [p.clone() for p in dec.parameters()]
@@ -432,7 +591,6 @@ def test_fit_codes_leaves_decoder_alone_and_rejects_bad_input():
         fit_codes(dec, coords, values, torch.zeros(4, 64, dtype=torch.bool))
 
 
-@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("sparse", [False, True])
 def test_code_table_lookup_and_own_optimiser(sparse):
     table = CodeTable(5, 3, 2, 4, sparse=sparse)
@@ -469,7 +627,6 @@ class LinearField(torch.nn.Module):
         return (alpha.flatten(-2) @ self.matrix.T).view(alpha.shape)
 
 
-@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("method, tol", [("rk4", 1e-6), ("dopri5", 1e-5)])
 def test_rollout_matches_matrix_exponential(method, tol):
     gen = torch.Generator().manual_seed(0)
@@ -483,7 +640,6 @@ def test_rollout_matches_matrix_exponential(method, tol):
     assert (path - exact).abs().max() < tol
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_rk4_error_falls_sixteenfold_when_the_step_halves():
     A = torch.tensor([[0.0, 2.0], [-2.0, 0.0]], dtype=torch.float64)   # rotation
     alpha0 = torch.tensor([[[1.0, 0.0]]], dtype=torch.float64)
@@ -493,7 +649,6 @@ def test_rk4_error_falls_sixteenfold_when_the_step_halves():
     assert 14 < errors[0] / errors[1] < 18
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_restarts_extremes_and_per_sample_draws():
     torch.manual_seed(0)
     f = Dynamics(n_channels=2, code_dim=3, hidden=16).double()
@@ -516,7 +671,6 @@ def test_restarts_extremes_and_per_sample_draws():
     assert from_true.any(dim=0).all() and (~from_true).any(dim=0).all()  # draws differ across samples
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_dynamics_gradients_mixing_and_parameter_counts():
     torch.manual_seed(0)
     f = Dynamics(n_channels=2, code_dim=3, hidden=16)
@@ -535,7 +689,6 @@ def test_dynamics_gradients_mixing_and_parameter_counts():
         assert sum(p.numel() for p in Dynamics(n_channels=S, code_dim=D, hidden=hidden).parameters()) == official
 
 
-@pytest.mark.usefixtures("one_thread")
 def test_epsilon_schedule():
     assert epsilon_schedule(0) == 0.99 and epsilon_schedule(99) == 0.99
     assert epsilon_schedule(100) == pytest.approx(0.99 ** 2)
@@ -571,24 +724,6 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("data"))
 
 
-class single_thread:
-    """Tiny tensors: on a shared, loaded CPU two threads hand off more than they compute (measured
-    5x slower), so the train/evaluate checks run on one."""
-
-    def __enter__(self):
-        self.threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.threads)
-
-
-@pytest.fixture
-def one_cpu_thread():
-    with single_thread():
-        yield
-
-
 def tiny_argv(out, data_dir, *extra, batch=4, every=5):
     return ["--pde", "heat", "--preset", "quick", "--device", "cpu", "--out", str(out), "--data-dir", data_dir,
             *TINY, "--set", f"batch_size={batch}", "--set", f"eval_every={every}", *extra]
@@ -598,12 +733,10 @@ def tiny_argv(out, data_dir, *extra, batch=4, every=5):
 def tiny_run(tmp_path_factory, data_dir):
     """One tiny heat run shared by the evaluate checks: 8 windows of 8x8, 40 epochs."""
     out = tmp_path_factory.mktemp("run") / "heat"
-    with single_thread():
-        result = train_py.main(tiny_argv(out, data_dir, "--epochs", "40", every=20))
+    result = train_py.main(tiny_argv(out, data_dir, "--epochs", "40", every=20))
     return out, result
 
 
-@pytest.mark.usefixtures("one_cpu_thread")
 def test_train_lowers_the_loss_and_writes_a_run(tiny_run):
     out, result = tiny_run
     first, last = result.history[0], result.history[-1]
@@ -620,7 +753,6 @@ def test_train_lowers_the_loss_and_writes_a_run(tiny_run):
     assert best["best_train"] == min(h["train_in_t"] for h in result.history)   # selected on TRAIN data
 
 
-@pytest.mark.usefixtures("one_cpu_thread")
 def test_resume_after_ctrl_c_equals_uninterrupted(tmp_path, data_dir):
     # paper schedule, 3 minibatches per epoch: the Ctrl-C lands mid-epoch, with summed decoder
     # and dynamics gradients pending; the resumed run must not notice.
@@ -645,7 +777,6 @@ def test_resume_after_ctrl_c_equals_uninterrupted(tmp_path, data_dir):
     assert rest.history[-1]["test_out_t"] == pytest.approx(whole.history[-1]["test_out_t"], rel=1e-5)
 
 
-@pytest.mark.usefixtures("one_cpu_thread")
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
     train_py.main(tiny_argv(tmp_path / "run", data_dir, "--epochs", "2"))
     good = (tmp_path / "run" / "last.pt").read_bytes()
@@ -663,7 +794,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
     assert (tmp_path / "run" / "last.pt").read_bytes() == good
 
 
-@pytest.mark.usefixtures("one_cpu_thread")
 def test_config_table_and_overrides():
     assert set(train_py.CONFIGS) == {(p, s) for p in train_py.PDES for s in train_py.PRESETS}
     for cfg in train_py.CONFIGS.values():
@@ -675,7 +805,6 @@ def test_config_table_and_overrides():
             train_py.override(cfg, bad)
 
 
-@pytest.mark.usefixtures("one_cpu_thread")
 def test_observation_mask_rate_and_seed(data_dir):
     data = train_py.load_dataset("heat", "test", size=32, data_dir=data_dir, n_trajectories=1, verbose=False)
     a = train_py.observation_mask(data, 0.25, seed=1)
@@ -697,7 +826,6 @@ def test_observation_mask_rate_and_seed(data_dir):
     (["--resume"], "--resume needs --out"),
     (["--pde", "heat", "--set", "n_train=100000", "--data-dir", "unused"], "n_trajectories must be in 1..256"),
 ])
-@pytest.mark.usefixtures("one_cpu_thread")
 def test_train_bad_input_exits_2_with_one_line(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         train_py.main(argv + ["--out", str(tmp_path / "run")] if "--resume" not in argv else argv)
@@ -707,14 +835,12 @@ def test_train_bad_input_exits_2_with_one_line(argv, message, tmp_path, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
-@pytest.mark.usefixtures("one_cpu_thread")
 def test_train_cuda_absent(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         train_py.main(["--pde", "heat", "--device", "cuda", "--out", str(tmp_path / "run")])
     assert stop.value.code == 2 and "no CUDA device" in capsys.readouterr().err
 
 
-@pytest.mark.usefixtures("one_cpu_thread")
 def test_train_bad_out_and_resume(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     cases = [(["--pde", "heat", "--out", str(tmp_path / "file" / "run")], "is a file, not a folder"),
@@ -730,7 +856,6 @@ def test_train_bad_out_and_resume(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["file", "foreign"]
 
 
-@pytest.mark.usefixtures("one_cpu_thread")
 def test_cli_exit_status_from_the_shell(tmp_path):
     # the two scripts as a user runs them (in parallel: each pays for importing torch)
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -747,7 +872,6 @@ def test_cli_exit_status_from_the_shell(tmp_path):
 import evaluate as evaluate_py
 
 
-@pytest.mark.usefixtures("one_cpu_thread")
 def test_evaluate_writes_table_metrics_gif_and_png(tiny_run, data_dir, capsys):
     out, _ = tiny_run
     metrics = evaluate_py.main([str(out), "--data-dir", data_dir, "--device", "cpu"])
@@ -766,7 +890,6 @@ def test_evaluate_writes_table_metrics_gif_and_png(tiny_run, data_dir, capsys):
         assert png.size[0] > 100
 
 
-@pytest.mark.usefixtures("one_cpu_thread")
 def test_evaluate_new_mask_resolution_and_free_points(tiny_run, data_dir):
     out, _ = tiny_run
     m = evaluate_py.main([str(out), "--data-dir", data_dir, "--subsampling", "0.5", "--mask-seed", "3",
@@ -778,7 +901,6 @@ def test_evaluate_new_mask_resolution_and_free_points(tiny_run, data_dir):
     assert (out / "eval-res16-s0.5-seed3-points50" / "metrics.json").exists()
 
 
-@pytest.mark.usefixtures("one_cpu_thread")
 def test_train_and_evaluate_on_a_random_half_of_the_points(tmp_path, data_dir):
     out = tmp_path / "half"
     train_py.main(tiny_argv(out, data_dir, "--epochs", "2", "--subsampling", "0.5", "--mask-seed", "4"))
@@ -791,7 +913,28 @@ def test_train_and_evaluate_on_a_random_half_of_the_points(tmp_path, data_dir):
     assert m["mse"]["in_t"]["in_s"] is not None and m["mse"]["in_t"]["out_s"] is not None
 
 
-@pytest.mark.usefixtures("one_cpu_thread")
+def test_train_and_evaluate_on_the_sphere(tmp_path, monkeypatch):
+    # The sphere path end to end on a 32x16 simulation of 8 hours (2 windows of 4 frames): the
+    # latitude-thinning mask, xyz inputs, super-resolution (observe the 8-latitude training grid
+    # inside the 16-latitude one) and free points scored against the spherical-harmonic series.
+    spec = replace(solvers.SPECS["shallow-water"], windows=2, window=4, n_in_t=2, cut_from=16,
+                   make=lambda split, indices, size, verbose=False: solvers.shallow_water_trajectories(
+                       split, indices, size=size, sim_nlat=16, hours=(0, 8), verbose=False))
+    monkeypatch.setitem(solvers.SPECS, "shallow-water", spec)
+    out, d = tmp_path / "sphere", str(tmp_path / "data")
+    argv = ["--pde", "shallow-water", "--preset", "quick", "--device", "cpu", "--out", str(out), "--data-dir", d,
+            *TINY, "--set", "n_train=2", "--set", "batch_size=2", "--set", "eval_every=2", "--epochs", "4"]
+    result = train_py.main(argv)
+    assert result.epoch == 4 and math.isfinite(result.history[-1]["test_out_t"])
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert torch.equal(state["mask"], solvers.latitude_mask(8))      # thinned towards the poles
+    m = evaluate_py.main([str(out), "--data-dir", d, "--resolution", "16", "--points", "40", "--no-pictures"])
+    assert m["grid"] == "32x16" and m["observed"].startswith("the 8-latitude training grid inside")
+    assert m["observed_fraction"] == pytest.approx(solvers.latitude_mask(8).sum().item() / (16 * 32))
+    assert m["mse"]["out_t"]["out_s"] is not None and m["points"]["truth"].endswith("32x16 test fields")
+    assert all(math.isfinite(v) for v in m["points"]["rel_mse"].values())
+
+
 def test_forecast_matches_the_evaluation_path(tiny_run, data_dir):
     out, _ = tiny_run
     state = train_py.load_checkpoint(str(out / "best.pt"))
@@ -809,7 +952,6 @@ def test_forecast_matches_the_evaluation_path(tiny_run, data_dir):
     torch.testing.assert_close(evaluate_py.forecast(model, coords, values0, test.t, coords[perm]), pred[:, perm])
 
 
-@pytest.mark.usefixtures("one_cpu_thread")
 def test_spectral_interpolation_is_exact_for_band_limited_fields():
     n = 12
     g = torch.Generator().manual_seed(0)
@@ -835,10 +977,7 @@ def test_spectral_interpolation_is_exact_for_band_limited_fields():
     torch.testing.assert_close(got[0, 0, :, 0].double(), cosines(points[:, 0], points[:, 1]), atol=1e-5, rtol=0)
 
 
-@pytest.mark.usefixtures("one_cpu_thread")
 def test_sphere_interpolation_is_exact_for_band_limited_fields():
-    if not hasattr(solvers, "SphereTransform"):
-        pytest.skip("the sphere solver is not in solvers.py yet")
     nlat, other = 16, 24
     g = torch.Generator().manual_seed(0)
     coef = torch.complex(torch.randn(nlat, nlat, generator=g, dtype=torch.float64),
@@ -857,7 +996,6 @@ def test_sphere_interpolation_is_exact_for_band_limited_fields():
     torch.testing.assert_close(got[0, 0, :, 0].double(), target.reshape(-1), atol=1e-4 * target.abs().max().item(), rtol=0)
 
 
-@pytest.mark.usefixtures("one_cpu_thread")
 def test_evaluate_bad_input_exits_2(tiny_run, tmp_path, data_dir, capsys):
     out, _ = tiny_run
     (tmp_path / "notes.pt").write_text("not a checkpoint")
@@ -922,8 +1060,6 @@ def test_benchmark_paper_preset_epoch_time(pde, threads):
     case (peak RSS is per process). Synthetic data of the paper's shapes (generating the real sets
     takes minutes to tens of minutes; the arithmetic does not depend on the values); 5 minibatches
     timed after a warm-up, the epoch extrapolated from their median."""
-    if pde not in solvers.SPECS:
-        pytest.skip(f"{pde} is not in load_dataset yet")
     run = subprocess.run([sys.executable, "-c", BENCH, pde, str(threads)], capture_output=True, text=True,
                          timeout=1800, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert run.returncode == 0, run.stderr
