@@ -230,6 +230,8 @@ def test_load_dataset_cuts_small_sphere_sets_from_the_simulation_grid(tmp_path, 
     direct = solvers.shallow_water_trajectories("train", [1], size=16, sim_nlat=16, hours=(0, 4), verbose=False)
     assert torch.equal(full.frames[2:].flatten(0, 1), direct[0])            # windows are trajectory-major
     assert small.trajectory.tolist() == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match="n_trajectories must be in 1..16 for shallow-water train, got 17"):
+        solvers.load_dataset("shallow-water", "train", size=8, data_dir=d, n_trajectories=17, verbose=False)
     with pytest.raises(ValueError, match="size 12 is not allowed"):
         solvers.load_dataset("shallow-water", "train", size=12, data_dir=d, n_trajectories=2, verbose=False)
 
