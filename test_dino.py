@@ -378,9 +378,10 @@ def test_shallow_water_dataset_seeds_grids_and_mask():
 
 
 @pytest.mark.slow
-def test_sphere_galewsky_t127_rolls_up():
+def test_sphere_galewsky_t127_rolls_up(tmp_path):
     # Full size (256x128, dt 600 s, Dedalus's settings, ~2 min): the jet stays zonal for about 3 days,
     # then barotropic instability rolls it up at 30-60 N by day 6; mass exact, energy only falls.
+    # With -s it prints where it saved the day-6 vorticity map (a PNG in pytest's temporary folder).
     s = SphereShallowWater(128, dt=600.0)
     x = sphere_galewsky_state(s, bump="dedalus")
     m0, e0 = s.mass(x), s.energy(x)
@@ -392,6 +393,20 @@ def test_sphere_galewsky_t127_rolls_up():
         print(f"day {day + 1}: non-zonal fraction of northern vorticity {nonzonal[-1]:.3f}")
     mass_drift, energy_change = ((s.mass(x) - m0) / m0).item(), ((s.energy(x) - e0) / e0).item()
     print(f"6 days: relative mass change {mass_drift:.1e}, relative energy change {energy_change:.2e}")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lat = np.degrees(np.arcsin(solvers.sphere_gauss_latitudes(128)[0]))
+    zeta = s.vorticity(x)[0].cpu().numpy() * 3600                                 # (128, 256) 1/hour
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    image = ax.imshow(zeta, extent=[0, 360, lat[-1], lat[0]], aspect="auto", cmap="RdBu_r",
+                      vmin=-abs(zeta).max(), vmax=abs(zeta).max())
+    fig.colorbar(image, label="relative vorticity [1/hour]")
+    ax.set(title="Galewsky jet (Dedalus example settings), day 6, 256x128", xlabel="longitude", ylabel="latitude")
+    fig.tight_layout()
+    fig.savefig(tmp_path / "galewsky_day6_vorticity.png", dpi=90)
+    plt.close(fig)
+    print(f"day-6 vorticity map: {tmp_path / 'galewsky_day6_vorticity.png'}")
     assert nonzonal[2] < 0.2 and nonzonal[5] > 0.5
     assert abs(mass_drift) <= 1e-12
     assert (s.energy(x) < e0).all()
