@@ -37,7 +37,7 @@ Use:
     from solvers import load_dataset
     data = load_dataset("navier-stokes", "train")     # PDEData, frames (512, 20, 64, 64, 1)
     python solvers.py heat --split test --size 128      # build (or load) one set, print a summary
-    python solvers.py shallow-water --split test        # 2 Galewsky runs of 320 h at 256x128, ~5 min
+    python solvers.py shallow-water --split test        # 2 Galewsky runs of 320 h at 256x128, ~3 min
     python solvers.py --bench                           # speed and accuracy against the references
 """
 import argparse

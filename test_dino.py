@@ -379,7 +379,7 @@ def test_shallow_water_dataset_seeds_grids_and_mask():
 
 @pytest.mark.slow
 def test_sphere_galewsky_t127_rolls_up(tmp_path):
-    # Full size (256x128, dt 600 s, Dedalus's settings, ~2 min): the jet stays zonal for about 3 days,
+    # Full size (256x128, dt 600 s, Dedalus's settings, ~1 min): the jet stays zonal for about 3 days,
     # then barotropic instability rolls it up at 30-60 N by day 6; mass exact, energy only falls.
     # With -s it prints where it saved the day-6 vorticity map (a PNG in pytest's temporary folder).
     s = SphereShallowWater(128, dt=600.0)
