@@ -245,34 +245,18 @@ def save_error_plot(path, t, curves, n_in_t, title):
 # ---- the evaluation
 
 
-def nested_points(coarse, fine):
-    """Indices (into fine's flattened points) of a coarse lat-lon grid's points when every coarse
-    latitude and longitude is also a fine one (sphere super-resolution), else None.
-    coarse (h, w, 3), fine (H, W, 3) xyz on the unit sphere."""
-    def axes(c):
-        lat = torch.asin(c[:, 0, 2].clamp(-1, 1))
-        lon = torch.atan2(c[0, :, 1], c[0, :, 0]) % (2 * math.pi)
-        return lat.double().cpu(), lon.double().cpu()
-    (clat, clon), (flat, flon) = axes(coarse), axes(fine)
-    ilat = (clat[:, None] - flat[None, :]).abs().argmin(1)
-    ilon = (clon[:, None] - flon[None, :]).abs().argmin(1)
-    if (clat - flat[ilat]).abs().max() > 1e-5 or (clon - flon[ilon]).abs().max() > 1e-5:
-        return None
-    return (ilat[:, None] * fine.shape[1] + ilon[None, :]).flatten().to(fine.device)
-
-
 def observed_points(state, cfg, test, *, rate, seed, resolution, data_dir):
     """(N,) bool: which points of the test grid the code fitting sees, and a description."""
     device = test.coords.device
-    if cfg.pde == "shallow-water" and resolution != cfg.size:
-        # super-resolution (paper Sec. 5): observe the training grid, decode the finer one
+    if cfg.pde == "shallow-water" and resolution != cfg.size and resolution % cfg.size == 0:
+        # super-resolution (paper Sec. 5): observe the training grid, decode the finer one. Both
+        # grids are cuts of one simulation grid (solvers.py), so the training grid is every k-th point.
+        k = resolution // cfg.size
         coarse = load_dataset(cfg.pde, "test", size=cfg.size, data_dir=data_dir, n_trajectories=cfg.n_test,
                               device=device, verbose=False)
-        index = nested_points(coarse.coords, test.coords)
-        if index is not None:
-            observed = torch.zeros(test.coords.shape[:2], dtype=torch.bool, device=device).flatten()
-            observed[index] = observation_mask(coarse, rate, seed).flatten()
-            return observed, f"the {cfg.size}-latitude training grid inside the {resolution}-latitude grid"
+        observed = torch.zeros(test.coords.shape[:2], dtype=torch.bool, device=device)   # (H, W)
+        observed[::k, ::k] = observation_mask(coarse, rate, seed)
+        return observed.flatten(), f"the {cfg.size}-latitude training grid inside the {resolution}-latitude grid"
     if resolution == cfg.size and rate == cfg.subsampling and seed == cfg.mask_seed:
         return state["mask"].flatten().to(device), "the training mask"
     return observation_mask(test, rate, seed).flatten(), f"a new mask (rate {rate}, seed {seed})"

@@ -922,13 +922,12 @@ def _cache_path(data_dir, pde, split, size, n, settings):
 def _build(pde, split, size, n, spec, verbose, data_dir):
     if spec.cut_from and size != spec.cut_from:  # every k-th point of the (cached) full-size set
         k = spec.cut_from // size
-        full = load_dataset(pde, split, size=spec.cut_from, data_dir=data_dir, n_trajectories=n,
-                            verbose=verbose).frames[:, :, ::k, ::k]
-        full = full.reshape(n, spec.windows * spec.window, *full.shape[2:])  # windows are trajectory-major
+        frames = load_dataset(pde, split, size=spec.cut_from, data_dir=data_dir, n_trajectories=n,
+                              verbose=verbose).frames[:, :, ::k, ::k]  # (windows, T, H, W, S)
     else:
         full = spec.make(split, range(n), size, verbose=verbose)  # (n, windows * window, H, W, S)
-    frames = full[:, : spec.windows * spec.window].reshape(
-        n * spec.windows, spec.window, *full.shape[2:])  # (windows, T, H, W, S), trajectory-major
+        frames = full[:, : spec.windows * spec.window].reshape(
+            n * spec.windows, spec.window, *full.shape[2:])  # (windows, T, H, W, S), trajectory-major
     if not torch.isfinite(frames).all():
         raise RuntimeError(f"{pde} {split}: the generator produced non-finite values")
     mask = spec.mask(size)

@@ -212,13 +212,18 @@ def test_load_dataset_wave_nested_grid_and_errors(tmp_path):
         solvers.load_dataset("wave", "valid", data_dir=d)
 
 
+def tiny_sphere_spec(*, window):
+    """The shallow-water spec on a 32x16 simulation of 2 windows of `window` hours (seconds, not
+    the real set's minutes); everything else as load_dataset does it."""
+    return replace(solvers.SPECS["shallow-water"], windows=2, window=window, n_in_t=window // 2, cut_from=16,
+                   make=lambda split, indices, size, verbose=False: solvers.shallow_water_trajectories(
+                       split, indices, size=size, sim_nlat=16, hours=(0, 2 * window), verbose=False))
+
+
 def test_load_dataset_cuts_small_sphere_sets_from_the_simulation_grid(tmp_path, monkeypatch):
     # The real set simulates 320 hours at 256x128 (minutes); the same path with a 32x16 simulation
     # of 4 hours (2 windows of 2 frames) checks the cutting, the shapes and the cache.
-    spec = replace(solvers.SPECS["shallow-water"], windows=2, window=2, n_in_t=1, cut_from=16,
-                   make=lambda split, indices, size, verbose=False: solvers.shallow_water_trajectories(
-                       split, indices, size=size, sim_nlat=16, hours=(0, 4), verbose=False))
-    monkeypatch.setitem(solvers.SPECS, "shallow-water", spec)
+    monkeypatch.setitem(solvers.SPECS, "shallow-water", tiny_sphere_spec(window=2))
     d = str(tmp_path)
     small = solvers.load_dataset("shallow-water", "train", size=8, data_dir=d, n_trajectories=2, verbose=False)
     cached = sorted(name.split("traj-")[0] for name in os.listdir(d))       # the 16-latitude set was made first
@@ -934,10 +939,7 @@ def test_train_and_evaluate_on_the_sphere(tmp_path, monkeypatch):
     # The sphere path end to end on a 32x16 simulation of 8 hours (2 windows of 4 frames): the
     # latitude-thinning mask, xyz inputs, super-resolution (observe the 8-latitude training grid
     # inside the 16-latitude one) and free points scored against the spherical-harmonic series.
-    spec = replace(solvers.SPECS["shallow-water"], windows=2, window=4, n_in_t=2, cut_from=16,
-                   make=lambda split, indices, size, verbose=False: solvers.shallow_water_trajectories(
-                       split, indices, size=size, sim_nlat=16, hours=(0, 8), verbose=False))
-    monkeypatch.setitem(solvers.SPECS, "shallow-water", spec)
+    monkeypatch.setitem(solvers.SPECS, "shallow-water", tiny_sphere_spec(window=4))
     out, d = tmp_path / "sphere", str(tmp_path / "data")
     argv = ["--pde", "shallow-water", "--preset", "quick", "--device", "cpu", "--out", str(out), "--data-dir", d,
             *TINY, "--set", "n_train=2", "--set", "batch_size=2", "--set", "eval_every=2", "--epochs", "4"]
