@@ -1,4 +1,4 @@
-"""Auto-decoding: codes without an encoder, fitted by gradient descent.
+"""Auto-decoding: codes without an encoder, fitted to the observations.
 
 DINo (Yin, Kirchmeyer et al., ICLR 2023, arXiv:2209.14855v2), Sec. 4.2 (and DeepSDF, Park et al. 2019).
 There is no encoder E(v) -> alpha. Each observed frame owns a code; during training the codes and the
@@ -7,14 +7,16 @@ decoder descend the same reconstruction loss
     L_dec(phi, alpha) = mean over frames, points x, channels of (v_t(x) - D_phi(alpha_t)(x))^2,
 
 the codes in a table indexed by (sequence, frame, channel), the decoder shared by all. At test time
-the decoder is frozen and the code of a new observation is found by a few hundred Adam steps from
-zero: that is the "encoder". Three pieces, in the order a reader meets them:
+the decoder is frozen and the code of a new observation is fitted to it: that is the "encoder".
+Four pieces, in the order a reader meets them:
 
 - `toy_linear_autodecoding()`: a linear decoder and its latents learned by alternating steps;
   prints the loss before and after (the tutorial's toy example, rewritten);
-- `fit_codes(decoder, coords, values, mask)`: batched test-time inference, one code per sample and
-  channel, keeping each sample's best code; one vectorised optimisation, no loop over samples;
-- `CodeTable`: the training-time codes, one row per sequence, with its own Adam.
+- `fit_codes(decoder, coords, values, mask)`: batched test-time inference by Adam, one code per
+  sample and channel, keeping each sample's best code; one vectorised optimisation;
+- `fit_codes_closed_form(...)`: the same fit as a ridge-regularised least-squares solve, exact and
+  about a thousand times faster, because the decoder is affine in the code (inr.py);
+- `CodeTable`: the training-time codes, one row per sequence, each row with its own Adam state.
 
 Shapes: B batch, T frames, N points, S channels, D code dim, X coord dim.
 
@@ -23,6 +25,7 @@ Usage:
     python autodecode.py --bench    # speed and peak memory at the paper's Navier-Stokes sizes
 """
 import argparse
+import math
 import resource
 import statistics
 import time
@@ -71,21 +74,29 @@ class FitResult:
 
 
 def _check_fit_inputs(coords, values, mask):
+    """ValueError naming the argument for bad shapes, empty point sets or non-finite numbers;
+    returns the mask as (1 or B, N) bool (observed points)."""
     if values.dim() != 3:
         raise ValueError(f"values must be (B, N, S), got shape {tuple(values.shape)}")
     n_batch, n_points, _ = values.shape
+    if n_batch < 1 or n_points < 1 or values.shape[2] < 1:
+        raise ValueError(f"values must hold at least one sample, point and channel, got shape {tuple(values.shape)}")
     if coords.dim() not in (2, 3) or coords.shape[-2] != n_points or (
             coords.dim() == 3 and coords.shape[0] != n_batch):
         raise ValueError(f"coords must be (N, X) or (B, N, X) with B={n_batch}, N={n_points}, "
                          f"got shape {tuple(coords.shape)}")
+    if not torch.isfinite(coords).all():
+        raise ValueError("coords hold non-finite positions")
     if mask is None:
-        return torch.ones(1, n_points, dtype=torch.bool, device=values.device)
-    if mask.dtype != torch.bool or mask.shape not in ((n_points,), (n_batch, n_points)):
+        mask = torch.ones(1, n_points, dtype=torch.bool, device=values.device)
+    elif mask.dtype != torch.bool or mask.shape not in ((n_points,), (n_batch, n_points)):
         raise ValueError(f"mask must be None or bool of shape ({n_points},) or ({n_batch}, {n_points}), "
                          f"got {mask.dtype} {tuple(mask.shape)}")
     mask = mask.reshape(-1, n_points)                                   # (1 or B, N)
     if not mask.any(dim=1).all():
         raise ValueError("mask leaves a sample with no observed point")
+    if not torch.isfinite(values).logical_or(~mask[..., None]).all():   # unobserved values may be anything
+        raise ValueError("values hold non-finite numbers at observed points")
     return mask
 
 
@@ -97,6 +108,7 @@ def fit_codes(decoder, coords, values, mask=None, *, steps=300, lr=1e-2, init=No
     The per-sample losses are SUMMED before backward, so each sample's gradient is its own and,
     Adam being elementwise, the batched fit equals fitting every sample alone. The code with the
     lowest loss seen is kept per sample. The decoder is not changed and receives no gradient.
+    A sample whose loss never became finite is an error (ValueError), not a result.
 
     If the decoder provides `affine_parts(coords)` (inr.Decoder does: the code-shifted MFN is affine
     in the code), the fit runs on D(alpha)(x) = offset(x) + jacobian(x) alpha, computed once, and
@@ -104,8 +116,8 @@ def fit_codes(decoder, coords, values, mask=None, *, steps=300, lr=1e-2, init=No
     """
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
+    if not lr > 0 or not math.isfinite(lr):
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
     mask = _check_fit_inputs(coords, values, mask)
     n_batch, _, n_channels = values.shape
     # per-sample MSE weights: 1 / (observed points * channels) at observed points, 0 elsewhere
@@ -143,33 +155,84 @@ def fit_codes(decoder, coords, values, mask=None, *, steps=300, lr=1e-2, init=No
             # gradient for the codes only: the decoder's .grad stays untouched
             (codes.grad,) = torch.autograd.grad(loss.sum(), codes)
             opt.step()
-    return FitResult(codes=best_codes, loss=best_loss)
+    return _checked(FitResult(codes=best_codes, loss=best_loss))
 
 
-# ---- 3. training-time codes: one per (sequence, frame, channel)
+def _checked(result):
+    failed = ~torch.isfinite(result.loss)
+    if failed.any():
+        raise ValueError(f"the fit never reached a finite loss for sample(s) {failed.nonzero().flatten().tolist()}: "
+                         f"check the decoder's parameters and the scale of values and coords")
+    return result
+
+
+# ---- 2b. the same fit in closed form: the decoder is affine in the code
+def fit_codes_closed_form(decoder, coords, values, mask=None, *, ridge=1e-2):
+    """The ridge-regularised least-squares codes, per sample and channel, in one batched solve:
+
+        alpha = argmin  sum over observed x of (a(x) + J(x) alpha - v(x))^2  +  ridge * N * |alpha|^2
+              = (J^T J + ridge N I)^-1 J^T (v - a)            (N = observed points of the sample)
+
+    with D_phi(alpha)(x) = a(x) + J(x) alpha from decoder.affine_parts (inr.py). Same arguments and
+    result as fit_codes (FitResult; loss = the reconstruction MSE, without the ridge term), in
+    milliseconds instead of hundreds of Adam steps. Why a ridge: the exact minimiser (ridge = 0)
+    fits the observed frame best but may lie far outside the codes the dynamics was trained on,
+    where its forecast is poor; the ridge keeps the code small, as a few hundred Adam steps from
+    zero do implicitly. Solved in float64 (the normal equations square the condition number).
+    """
+    if not ridge >= 0 or not math.isfinite(ridge):
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+    mask = _check_fit_inputs(coords, values, mask)
+    n_channels = values.shape[2]
+    with torch.no_grad():
+        parts = decoder.affine_parts(coords)                            # offset (G, N), jacobian (G, N, D)
+        jac = parts.jacobian.double() * mask[..., None]                 # (B or 1, N, D), unobserved rows 0
+        residual = torch.where(mask[..., None], values - parts.offset[..., None], 0.0).double()  # (B, N, S)
+        gram = jac.transpose(1, 2) @ jac                                # (B or 1, D, D)
+        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        gram = gram + ridge * mask.sum(dim=1).double()[:, None, None] * eye
+        rhs = jac.transpose(1, 2) @ residual                            # (B, D, S)
+        if ridge > 0:
+            codes = torch.linalg.solve(gram.expand(len(rhs), -1, -1), rhs)  # (B, D, S)
+        else:  # may be rank-deficient: the minimum-norm least-squares solution
+            codes = torch.linalg.pinv(gram, hermitian=True) @ rhs
+        codes = codes.transpose(1, 2).to(values.dtype)                  # (B, S, D)
+        pred = parts.offset[..., None] + parts.jacobian @ codes.transpose(1, 2)     # (B, N, S)
+        err = torch.where(mask[..., None], pred - values, 0.0).pow(2).sum(dim=(1, 2))
+        loss = err / (mask.sum(dim=1) * n_channels)                     # (B,) MSE at observed points
+    return _checked(FitResult(codes=codes, loss=loss))
+
+
+# ---- 3. training-time codes: one per (sequence, frame, channel), each row with its own Adam
 class CodeTable(nn.Module):
-    """All training codes, zeros at the start; table(ids) -> (len(ids), T, S, D).
+    """All training codes, zeros at the start, and their optimiser: Adam, row by row.
 
-    Stored as ONE parameter `weight` of shape (n_sequences, T*S*D), readable as (n_sequences, T, S, D)
-    through `.codes`. The optimiser is the caller's; the paper uses Adam with lr 1e-3 for the codes
-    (the decoder, lr 1e-2, and the dynamics, lr 1e-3, have their own). `table.optimizer(lr)` builds it.
-
-    sparse: with sparse=True the lookup gives sparse gradients and `optimizer()` is SparseAdam, so a
-    minibatch's step moves only its own rows, as in the official code (one parameter per sequence;
-    Adam skips those without a gradient). With the default dense gradients any optimiser works, but
-    Adam keeps moving rows outside the minibatch on their stale momentum for a few steps.
+    table(ids) -> (len(ids), T, S, D): a copy of the rows, a leaf the caller differentiates
+    (`rows.requires_grad_()`); table.step(ids, rows.grad) then moves those rows only. The paper
+    trains one parameter per sequence with Adam (lr 1e-3), so each row keeps its OWN step count
+    and moments: a row that sat out k steps takes exactly the step Adam would take on it alone.
+    (torch's SparseAdam counts steps per table: a row's first step after sitting out gets the
+    bias correction of a later step, too large a step.) Everything stays on the device and is
+    dense: gather the rows, update, write them back; no sparse gradients, no reads to the host.
+    Buffers (all in state_dict): `weight` (n, T*S*D) the codes, `exp_avg`, `exp_avg_sq` the
+    moments, `steps` (n,) the step count of each row. `ids` in one step must be distinct.
     """
 
-    def __init__(self, n_sequences, n_frames, n_channels, code_dim, *, sparse=False):
+    def __init__(self, n_sequences, n_frames, n_channels, code_dim, *, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
         super().__init__()
         for name, value in (("n_sequences", n_sequences), ("n_frames", n_frames),
                             ("n_channels", n_channels), ("code_dim", code_dim)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not (lr > 0 and 0 <= betas[0] < 1 and 0 <= betas[1] < 1 and eps > 0):
+            raise ValueError(f"need lr > 0, betas in [0, 1), eps > 0; got lr={lr}, betas={betas}, eps={eps}")
         self.frame_shape = (n_frames, n_channels, code_dim)
-        self.sparse = sparse
-        # 2-D so that a sparse lookup can hand back row-sparse gradients
-        self.weight = nn.Parameter(torch.zeros(n_sequences, n_frames * n_channels * code_dim))
+        self.lr, self.betas, self.eps = lr, betas, eps
+        width = n_frames * n_channels * code_dim
+        self.register_buffer("weight", torch.zeros(n_sequences, width))
+        self.register_buffer("exp_avg", torch.zeros(n_sequences, width))
+        self.register_buffer("exp_avg_sq", torch.zeros(n_sequences, width))
+        self.register_buffer("steps", torch.zeros(n_sequences))
 
     @property
     def codes(self):
@@ -177,17 +240,25 @@ class CodeTable(nn.Module):
         return self.weight.view(-1, *self.frame_shape)
 
     def forward(self, ids):
-        ids = torch.as_tensor(ids, dtype=torch.long, device=self.weight.device)
-        if ids.dim() != 1 or (len(ids) and not 0 <= int(ids.min()) <= int(ids.max()) < len(self.weight)):
-            raise ValueError(f"ids must be 1-D in [0, {len(self.weight)}), got {ids.tolist()}")
-        rows = F.embedding(ids, self.weight, sparse=self.sparse)          # (len(ids), T*S*D)
-        return rows.view(len(ids), *self.frame_shape)                     # (len(ids), T, S, D)
+        """ids (B,) long on the table's device -> the codes (B, T, S, D), a copy."""
+        return self.weight.index_select(0, ids).view(len(ids), *self.frame_shape)
 
-    def optimizer(self, lr=1e-3):
-        """Adam for the codes (SparseAdam when sparse; it counts bias-correction steps per table)."""
-        if self.sparse:
-            return torch.optim.SparseAdam(self.parameters(), lr=lr)
-        return torch.optim.Adam(self.parameters(), lr=lr)
+    @torch.no_grad()
+    def step(self, ids, grad):
+        """One Adam step on rows `ids` with their gradients grad (B, T, S, D), as torch.optim.Adam
+        computes it for a parameter that is just these rows."""
+        beta1, beta2 = self.betas
+        grad = grad.reshape(len(ids), -1)
+        steps = self.steps.index_select(0, ids) + 1                            # (B,) per row
+        exp_avg = self.exp_avg.index_select(0, ids).lerp_(grad, 1 - beta1)     # (B, T*S*D)
+        exp_avg_sq = self.exp_avg_sq.index_select(0, ids).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        # bias corrections in float64, as Adam computes them (1 - 0.999 loses digits in float32)
+        step_size = (self.lr / (1 - beta1 ** steps.double())).to(grad.dtype)[:, None]             # (B, 1)
+        denom = (exp_avg_sq.sqrt() / (1 - beta2 ** steps.double()).sqrt().to(grad.dtype)[:, None]).add_(self.eps)
+        rows = self.weight.index_select(0, ids).sub_(step_size * (exp_avg / denom))
+        for buffer, value in ((self.weight, rows), (self.exp_avg, exp_avg), (self.exp_avg_sq, exp_avg_sq),
+                              (self.steps, steps)):
+            buffer.index_copy_(0, ids, value)
 
 
 # ---- benchmark at the paper's Navier-Stokes sizes
@@ -197,7 +268,7 @@ def benchmark(*, repeats=5, threads=1, anchor=False):
     anchor=True then also times the decoder's forward + backward over the same batch through
     `decode_direct` (the equations run per code, the official code's way), once, after the peak
     memory is read: a same-machine, same-load reference for the speed-up (about 15 s, 3 GiB)."""
-    from dynamics import Dynamics, rollout_with_restarts   # imported here: only the benchmark needs them
+    from dynamics import Dynamics, restart_mask, rollout_with_restarts   # only the benchmark needs them
     from inr import Decoder
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -207,20 +278,20 @@ def benchmark(*, repeats=5, threads=1, anchor=False):
     values = torch.randn(batch, frames, size * size, 1)                 # (B, T, N, S)
     decoder = Decoder(coord_dim=2, code_dim=code_dim, hidden=64, layers=3)
     dynamics = Dynamics(n_channels=1, code_dim=code_dim, hidden=512)
-    table = CodeTable(n_seq, frames, 1, code_dim, sparse=True)
-    opt_codes = table.optimizer(lr=1e-3)
+    table = CodeTable(n_seq, frames, 1, code_dim, lr=1e-3)
     opt_decoder = torch.optim.Adam(decoder.parameters(), lr=1e-2)
     opt_dynamics = torch.optim.Adam(dynamics.parameters(), lr=1e-3)
     t = torch.arange(frames, dtype=torch.float32)
 
     def iteration():
         ids = torch.randperm(n_seq)[:batch]
-        codes = table(ids)                                               # (B, T, S, D)
+        codes = table(ids).requires_grad_()                              # (B, T, S, D)
         loss_dec = (decoder(coords, codes) - values).pow(2).mean()
-        opt_codes.zero_grad(), opt_decoder.zero_grad()
+        opt_decoder.zero_grad()
         loss_dec.backward()
-        opt_codes.step(), opt_decoder.step()
-        pred = rollout_with_restarts(dynamics, codes.detach(), t, 0.5)
+        table.step(ids, codes.grad)
+        opt_decoder.step()
+        pred = rollout_with_restarts(dynamics, codes, t, restart_mask(torch.rand(batch, frames - 1), 0.5))
         loss_dyn = (pred - codes.detach()).pow(2).mean()
         opt_dynamics.zero_grad()
         loss_dyn.backward()
@@ -239,10 +310,12 @@ def benchmark(*, repeats=5, threads=1, anchor=False):
     fit_times = [timed(lambda: fit_codes(decoder, coords, fields, steps=300)) for _ in range(repeats)]
     print(f"fit_codes (32 fields, 300 Adam steps): median {statistics.median(fit_times):.3f} s  "
           f"(runs: {', '.join(f'{x:.3f}' for x in fit_times)})")
+    closed_times = [timed(lambda: fit_codes_closed_form(decoder, coords, fields)) for _ in range(repeats)]
+    print(f"fit_codes_closed_form (32 fields, ridge): median {statistics.median(closed_times):.4f} s")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux -> GiB
     print(f"peak resident memory of this process: {peak:.2f} GiB  (threads {threads})")
     result = {"iteration_s": statistics.median(it_times), "fit_s": statistics.median(fit_times),
-              "peak_gib": peak}
+              "closed_form_s": statistics.median(closed_times), "peak_gib": peak}
     if anchor:
         codes = table(torch.arange(batch)).detach().requires_grad_()
         direct = timed(lambda: (decoder.decode_direct(coords, codes) - values).pow(2).mean().backward())

@@ -20,10 +20,14 @@ each sample draws its own.
 Shapes: B batch, T time, S channels, D code dim. torchdiffeq's odeint returns time FIRST (T, B, ...);
 the functions here return (B, T, S, D) like everything else in this project.
 
+Two integrators: `rollout` (torchdiffeq, any method: for forecasts) and `rollout_with_restarts`
+(the same RK4 step written here, for training: it never reads a value back from the device).
+
 Usage:
     f = Dynamics(n_channels=1, code_dim=100, hidden=512)
     alphas = rollout(f, alpha0, t)                          # (B, S, D), (T,) -> (B, T, S, D)
-    pred = rollout_with_restarts(f, codes, t, epsilon_schedule(iteration))
+    restart = restart_mask(torch.rand(B, T - 1), epsilon_schedule(iteration))
+    pred = rollout_with_restarts(f, codes, t, restart)      # (B, T, S, D)
 """
 import torch
 import torch.nn.functional as F
@@ -65,48 +69,73 @@ class Dynamics(nn.Module):
         return self.net(flat).view(alpha.shape)
 
 
+def check_times(t):
+    """ValueError unless t is a non-empty 1-D tensor of finite, strictly increasing times."""
+    if not torch.is_tensor(t) or t.dim() != 1 or len(t) < 1:
+        raise ValueError(f"t must be a non-empty 1-D tensor of times, got {t if not torch.is_tensor(t) else tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError("t holds non-finite times")
+    if len(t) > 1 and not (t[1:] > t[:-1]).all():
+        raise ValueError(f"t must be strictly increasing, got {t.tolist()}")
+
+
 def rollout(f, alpha0, t, method="rk4"):
     """Integrate d alpha/dt = f(t, alpha) from alpha0 (B, S, D) to the times t (T,): -> (B, T, S, D).
 
-    With a fixed-step method ('rk4', 'euler', ...) torchdiffeq steps exactly from one time of t to
-    the next, as the official code does ("RK4 at the frame times")."""
-    if t.dim() != 1 or len(t) < 1:
-        raise ValueError(f"t must be a 1-D tensor of times, got shape {tuple(t.shape)}")
+    torchdiffeq does the integration, so any of its methods works ('rk4', 'dopri5', ...). With a
+    fixed-step method it steps exactly from one time of t to the next, as the official code does
+    ("RK4 at the frame times"). t[0] is the time of alpha0."""
+    check_times(t)
+    if not torch.isfinite(alpha0).all():
+        raise ValueError("alpha0 holds non-finite values")
     path = odeint(f, alpha0, t.to(alpha0), method=method)       # (T, B, S, D): time first
     return path.movedim(0, 1)                                    # (B, T, S, D)
 
 
-def rollout_with_restarts(f, codes, t, epsilon, *, generator=None, method="rk4"):
-    """Rollout with scheduled restarts from the true codes (teacher forcing), vectorised over B.
+def rk4_step(f, t0, alpha, dt):
+    """One classical fourth-order step, 3/8 rule (the form torchdiffeq's 'rk4' uses):
+        k1 = f(a), k2 = f(a + dt k1/3), k3 = f(a + dt (k2 - k1/3)), k4 = f(a + dt (k1 - k2 + k3)),
+        a(t + dt) = a + dt (k1 + 3 k2 + 3 k3 + k4) / 8.
+    dt may be a 0-d tensor on the device: nothing here reads a value back to the host."""
+    k1 = f(t0, alpha)
+    k2 = f(t0 + dt / 3, alpha + dt * k1 / 3)
+    k3 = f(t0 + dt * 2 / 3, alpha + dt * (k2 - k1 / 3))
+    k4 = f(t0 + dt, alpha + dt * (k1 - k2 + k3))
+    return alpha + (k1 + 3 * (k2 + k3) + k4) * (dt / 8)
 
-    codes (B, T, S, D): the learned codes, used as targets only (detached here); t (T,).
-    Before the step from t_i to t_{i+1} (i >= 1), each sample independently, with probability
-    epsilon, replaces its integrated code by the true code codes[:, i]; frame 0 always starts from
-    codes[:, 0]. epsilon = 0 is a plain rollout; epsilon = 1 gives one-step predictions from every
-    true code. Returns the integrated codes (B, T, S, D), frame 0 equal to codes[:, 0].
-    """
-    if not 0.0 <= epsilon <= 1.0:
-        raise ValueError(f"epsilon must be in [0, 1], got {epsilon!r}")
-    if codes.dim() != 4 or t.dim() != 1 or codes.shape[1] != len(t):
-        raise ValueError(f"codes must be (B, T, S, D) with T = len(t); got codes {tuple(codes.shape)}, "
-                         f"t {tuple(t.shape)}")
-    codes = codes.detach()                                       # targets, never trained through here
-    if epsilon == 0.0:
-        return rollout(f, codes[:, 0], t, method=method)
-    n_batch, n_times = codes.shape[:2]
-    device = generator.device if generator is not None else codes.device
-    # restart[b, i] for i = 0..T-2: sample b restarts at t_i. Frame 0 is always a "restart".
-    restart = torch.rand(n_batch, n_times - 1, generator=generator, device=device).to(codes.device) < epsilon
+
+def restart_mask(uniform, epsilon):
+    """Which samples restart where: (B, T-1) bool from uniform draws (B, T-1) in [0, 1) and epsilon,
+    a float or a (B,) tensor (one probability per sample). restart[b, i]: before the step from t_i,
+    sample b takes its true code again; column 0 (the start) is always True."""
+    epsilon = torch.as_tensor(epsilon, dtype=uniform.dtype, device=uniform.device)
+    restart = uniform < epsilon.reshape(-1, 1)
     restart[:, 0] = True
-    t = t.to(codes)
-    state = codes[:, 0]
+    return restart
+
+
+def rollout_with_restarts(f, codes, t, restart):
+    """RK4 rollout with scheduled restarts from the true codes (teacher forcing), the training
+    integrator: vectorised over the batch, with no host synchronisation (torchdiffeq's odeint
+    inspects its time tensor on every call, which stalls a GPU; this is the same 'rk4' step).
+
+    codes (B, T, S, D): the learned codes, used as targets only (detached here); t (T,) frame
+    times; restart (B, T-1) bool from restart_mask: before the step from t_i, sample b replaces its
+    integrated code by codes[b, i] where restart[b, i]. All False after column 0 is a plain rollout;
+    all True gives one-step predictions from every true code. -> (B, T, S, D), frame 0 = codes[:, 0].
+    """
+    if codes.dim() != 4 or t.dim() != 1 or codes.shape[1] != len(t) or restart.shape != (len(codes), len(t) - 1):
+        raise ValueError(f"need codes (B, T, S, D), t (T,), restart (B, T-1); got codes {tuple(codes.shape)}, "
+                         f"t {tuple(t.shape)}, restart {tuple(restart.shape)}")
+    codes, t = codes.detach(), t.to(codes)                  # targets, never trained through here
+    dt = t[1:] - t[:-1]                                     # (T-1,) steps, on the device
+    state = codes[:, 0]                                     # (B, S, D)
     path = [state]
-    # A loop over time intervals (not samples): each step integrates the whole batch at once.
-    for i in range(n_times - 1):
-        state = torch.where(restart[:, i, None, None], codes[:, i], state)      # (B, S, D)
-        state = odeint(f, state, t[i:i + 2], method=method)[-1]                  # (B, S, D)
+    for i in range(len(t) - 1):                             # a loop over time steps, never samples
+        state = torch.where(restart[:, i, None, None], codes[:, i], state)
+        state = rk4_step(f, t[i], state, dt[i])
         path.append(state)
-    return torch.stack(path, dim=1)                                              # (B, T, S, D)
+    return torch.stack(path, dim=1)                         # (B, T, S, D)
 
 
 def epsilon_schedule(iteration, *, start=0.99, decay=0.99, every=100, floor=1e-3):
@@ -125,7 +154,8 @@ if __name__ == "__main__":
     t = torch.arange(10.0)
     codes = rollout(f, 0.1 * torch.randn(4, 1, 100), t)
     for eps in (0.0, 0.5, 1.0):
-        pred = rollout_with_restarts(f, codes + 0.01 * torch.randn_like(codes), t, eps)
+        restart = restart_mask(torch.rand(len(codes), len(t) - 1), eps)
+        pred = rollout_with_restarts(f, codes + 0.01 * torch.randn_like(codes), t, restart)
         print(f"epsilon {eps:.1f}: mse to the noisy codes' rollout {(pred - codes).pow(2).mean():.3e}")
     print("epsilon at iterations 0, 100, 10000, 70000:",
           [round(epsilon_schedule(i), 5) for i in (0, 100, 10_000, 70_000)])

@@ -41,10 +41,14 @@ Use:
     python solvers.py --bench                           # speed and accuracy against the references
 """
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import math
 import os
+import re
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -75,42 +79,68 @@ def planar_coords(size, *, low, high, cell_centred):
     return torch.stack(torch.meshgrid(x, x, indexing="ij"), dim=-1)  # (H, W, 2)
 
 
-def cosine_resample_matrix(n_in, n_out, *, dtype=torch.float64, device="cpu"):
-    """(n_out, n_in) matrix evaluating the cosine series (DCT-II) of n_in cell-centred values at
-    n_out cell centres of the same interval. Identity when n_out == n_in."""
-    m = torch.arange(n_in, dtype=torch.float64)
-    s_in = (torch.arange(n_in, dtype=torch.float64) + 0.5) / n_in  # cell centres in [0, 1]
-    s_out = (torch.arange(n_out, dtype=torch.float64) + 0.5) / n_out
-    dct = torch.cos(math.pi * m[:, None] * s_in[None, :])  # (m, i) DCT-II analysis
-    weight = torch.full((n_in,), 2.0 / n_in, dtype=torch.float64)
-    weight[0] = 1.0 / n_in  # synthesis weights of the inverse DCT-II
-    synth = torch.cos(math.pi * s_out[:, None] * m[None, :]) * weight  # (j, m)
-    return (synth @ dct).to(dtype=dtype, device=device)
+def cosine_modes(n, s, **opts):
+    """(len(s), n): cos(pi m s) for m = 0..n-1 at positions s (fractions of the domain, [0, 1]).
+    At the cell centres s = (i + 1/2)/n this is the DCT-II: the modes of a zero-flux grid."""
+    m = torch.arange(n, **opts)
+    return torch.cos(math.pi * torch.as_tensor(s, **opts)[:, None] * m[None, :])
 
 
-def fourier_resample_matrix(n_in, n_out, *, dtype=torch.float64, device="cpu"):
-    """(n_out, n_in) matrix evaluating the trigonometric interpolant of n_in periodic samples at
-    n_out equispaced points of the same period (n_in even; the Nyquist mode is split evenly so the
-    interpolant is real). Zero-padding the FFT when finer, exact subsampling when nested."""
-    if n_in % 2:
-        raise ValueError(f"periodic resampling needs an even source size, got {n_in}")
-    s = (torch.arange(n_out, dtype=torch.float64)[:, None] / n_out
-         - torch.arange(n_in, dtype=torch.float64)[None, :] / n_in)  # (j, i) offsets / period
-    k = torch.arange(1, n_in // 2, dtype=torch.float64)
-    kernel = 1 + 2 * torch.cos(2 * math.pi * k * s[..., None]).sum(-1) + torch.cos(math.pi * n_in * s)
-    return (kernel / n_in).to(dtype=dtype, device=device)
+def cosine_synthesis_weights(n, **opts):
+    """Weights of the inverse DCT-II: 1/n for mode 0, 2/n for the others."""
+    weight = torch.full((n,), 2.0 / n, **opts)
+    weight[0] = 1.0 / n
+    return weight
 
 
-def resample(frames, size, *, periodic):
-    """Evaluate (..., H, W, S) grid frames on a size x size grid of the same domain via their
-    spectral interpolant (Fourier if periodic, else cosine for cell-centred Neumann grids)."""
-    make = fourier_resample_matrix if periodic else cosine_resample_matrix
+def spectral_basis(n, s, *, boundary, dtype=torch.float64, device="cpu"):
+    """(len(s), n) matrix evaluating the spectral interpolant of n grid values at positions s,
+    given as fractions of the domain's length from its low end: the one interpolation helper
+    (new grid sizes, free points, the tests' truth).
+    'cosine': cell-centred values at (i + 1/2)/n with zero-flux walls: the cosine (DCT-II) series
+    the heat solver uses. 'periodic': values at i/n of one period: the trigonometric interpolant
+    (n even; the Nyquist mode split evenly, so the interpolant is real). Exact for fields with no
+    modes above the grid's."""
+    opts = dict(dtype=torch.float64)
+    s = torch.as_tensor(s, **opts)
+    centres = (torch.arange(n, **opts) + 0.5) / n
+    if boundary == "cosine":
+        basis = (cosine_modes(n, s, **opts) * cosine_synthesis_weights(n, **opts)) @ cosine_modes(n, centres, **opts).T
+    elif boundary == "periodic":
+        if n % 2:
+            raise ValueError(f"periodic interpolation needs an even number of grid points, got {n}")
+        offset = s[:, None] - torch.arange(n, **opts)[None, :] / n          # (Q, n) in periods
+        k = torch.arange(1, n // 2, **opts)
+        basis = (1 + 2 * torch.cos(2 * math.pi * k * offset[..., None]).sum(-1) + torch.cos(math.pi * n * offset)) / n
+    else:
+        raise ValueError(f"boundary {boundary!r} has no planar interpolant; allowed: cosine, periodic")
+    return basis.to(dtype=dtype, device=device)
+
+
+def grid_fractions(size, *, boundary):
+    """Positions of a size-point grid as fractions of its domain (cell centres for 'cosine')."""
+    return (torch.arange(size, dtype=torch.float64) + (0.5 if boundary == "cosine" else 0.0)) / size
+
+
+def resample(frames, size, *, boundary):
+    """Evaluate (..., H, W, S) grid frames on a size x size grid of the same domain through their
+    spectral interpolant (boundary 'cosine' or 'periodic', as spectral_basis)."""
     h, w = frames.shape[-3], frames.shape[-2]
     if (h, w) == (size, size):
         return frames
-    r_h = make(h, size, dtype=frames.dtype, device=frames.device)  # (size, H)
-    r_w = make(w, size, dtype=frames.dtype, device=frames.device)  # (size, W)
+    opts = dict(boundary=boundary, dtype=frames.dtype, device=frames.device)
+    r_h = spectral_basis(h, grid_fractions(size, boundary=boundary), **opts)  # (size, H)
+    r_w = spectral_basis(w, grid_fractions(size, boundary=boundary), **opts)  # (size, W)
     return torch.einsum("ih,...hws,jw->...ijs", r_h, frames, r_w)
+
+
+def interpolate(frames, s_x, s_y, *, boundary):
+    """Grid frames (..., H, W, S) at free points (s_x[q], s_y[q]), positions as fractions of the
+    domain along H and W (Q,) each, through the spectral interpolant -> (..., Q, S)."""
+    opts = dict(boundary=boundary, dtype=frames.dtype, device=frames.device)
+    b_x = spectral_basis(frames.shape[-3], s_x, **opts)                        # (Q, H)
+    b_y = spectral_basis(frames.shape[-2], s_y, **opts)                        # (Q, W)
+    return torch.einsum("qh,...hws,qw->...qs", b_x, frames, b_y)
 
 
 # ---------------------------------------------------------------------------- heat
@@ -126,20 +156,14 @@ def solve_heat(u0, t, *, diffusivity=0.1, length=2.0):
     b, h, w = u0.shape
     opts = dict(dtype=u0.dtype, device=u0.device)
     t = torch.as_tensor(t, **opts)
-
-    def dct_matrix(n):  # (m, i) = cos(pi m (i + 1/2) / n)
-        m = torch.arange(n, **opts)
-        return torch.cos(math.pi * m[:, None] * (m[None, :] + 0.5) / n)
-
-    d_h, d_w = dct_matrix(h), dct_matrix(w)
+    d_h = cosine_modes(h, (torch.arange(h, **opts) + 0.5) / h, **opts).T  # (m, i) DCT-II matrix
+    d_w = cosine_modes(w, (torch.arange(w, **opts) + 0.5) / w, **opts).T
     coeff = d_h @ u0 @ d_w.T  # (B, H, W) cosine coefficients a_mn (unnormalised DCT-II)
     lam_h = (math.pi * torch.arange(h, **opts) / length) ** 2  # (H,)
     lam_w = (math.pi * torch.arange(w, **opts) / length) ** 2  # (W,)
     decay = torch.exp(-diffusivity * t[:, None, None] * (lam_h[:, None] + lam_w[None, :]))  # (T, H, W)
-    # Inverse DCT-II = transposed matrix with weights 1/n (mode 0) and 2/n (others).
-    w_h = torch.full((h,), 2.0 / h, **opts); w_h[0] = 1.0 / h
-    w_w = torch.full((w,), 2.0 / w, **opts); w_w[0] = 1.0 / w
-    coeff = coeff * w_h[:, None] * w_w[None, :]
+    # inverse DCT-II: the transposed matrix with the synthesis weights
+    coeff = coeff * cosine_synthesis_weights(h, **opts)[:, None] * cosine_synthesis_weights(w, **opts)[None, :]
     u = d_h.T @ (coeff[:, None] * decay) @ d_w  # (B, T, H, W)
     return u.unsqueeze(-1)  # (B, T, H, W, 1)
 
@@ -682,6 +706,34 @@ def latitude_mask(nlat, nlon=None):
     return torch.tensor(keep | (j == 0))
 
 
+def sphere_interpolate(frames, points):
+    """Band-limited sphere fields at free points: analyse the fields on their Gauss grid into
+    spherical harmonics (exact there: Gauss quadrature, l <= nlat - 1) and sum the series at the
+    points. frames (B, T, nlat, 2 nlat, S); points (Q, 3) xyz on the unit sphere -> (B, T, Q, S)."""
+    nlat = frames.shape[2]
+    transform = SphereTransform(nlat - 1, nlat)
+    points = points.cpu().double()
+    legendre = torch.from_numpy(sphere_legendre(nlat - 1, points[:, 2].numpy())[0])       # (M, L, Q)
+    m = torch.arange(nlat, dtype=torch.float64)
+    phase = torch.exp(1j * m[:, None] * torch.atan2(points[:, 1], points[:, 0])[None, :])  # (M, Q)
+    phase[1:] *= 2                       # a real field: m and -m together, m = 0 once
+    out = []
+    for window in frames.cpu().double():                                                   # (T, nlat, nlon, S)
+        coef = transform.to_spec(window.movedim(-1, 1))                                    # (T, S, M, L)
+        along = torch.einsum("tsml,mlq->tsmq", coef, legendre.to(coef.dtype))             # (T, S, M, Q)
+        out.append((along * phase).sum(2).real.movedim(1, -1))                             # (T, Q, S)
+    return torch.stack(out).to(frames)                                                     # (B, T, Q, S)
+
+
+def sphere_random_points(n, seed):
+    """n points uniform on the unit sphere (z uniform in [-1, 1], longitude uniform), by seed."""
+    g = torch.Generator().manual_seed(seed)
+    z = 2 * torch.rand(n, generator=g, dtype=torch.float64) - 1
+    lon = 2 * math.pi * torch.rand(n, generator=g, dtype=torch.float64)
+    r = torch.sqrt(1 - z ** 2)
+    return torch.stack([r * torch.cos(lon), r * torch.sin(lon), z], -1).float()          # (n, 3)
+
+
 def shallow_water_trajectories(split, indices, *, size=64, sim_nlat=SPHERE_DATA_NLAT, hours=(160, 320),
                                hyperdiffusion=None, threads=None, device="cpu", verbose=True):
     """DINo's sphere data: Galewsky jets with u_max ~ U(60, 80) m/s, mirror jet and bump at 45 S
@@ -777,7 +829,7 @@ def make_heat(split, indices, size, *, diffusivity=0.1, n_frames=40, spacing=0.2
 
     def make_batch(idx):
         u0 = sample_grf(64, [trajectory_seed(split, i) for i in idx])  # (b, 64, 64) float32
-        return resample(solve_heat(u0, times, diffusivity=diffusivity), size, periodic=False)
+        return resample(solve_heat(u0, times, diffusivity=diffusivity), size, boundary="cosine")
     return in_batches(make_batch, indices, batch=16, label=f"heat {split}", verbose=verbose)
 
 
@@ -807,7 +859,7 @@ def make_wave(split, indices, size, *, speed=1.0 / 16, n_frames=160, spacing=0.2
     def make_batch(idx):
         u0 = wave_bump(64, [trajectory_seed(split, i) for i in idx], dtype=torch.float32)
         frames = solve_wave(u0, torch.zeros_like(u0), times, speed=speed)
-        return resample(frames, size, periodic=True)
+        return resample(frames, size, boundary="periodic")
     return in_batches(make_batch, indices, batch=4, label=f"wave {split}", verbose=verbose)
 
 
@@ -824,14 +876,15 @@ def make_navier_stokes(split, indices, size, *, viscosity=1e-3, spin_up=30.0, n_
     def make_batch(idx):
         w0 = sample_grf(64, [trajectory_seed(split, i) for i in idx], dtype=dtype)
         frames = solve_navier_stokes(w0, times, viscosity=viscosity, forcing=ns_forcing(64, dtype=dtype))
-        return resample(frames, size, periodic=True)
+        return resample(frames, size, boundary="periodic")
     return in_batches(make_batch, indices, batch=8, label=f"navier-stokes {split}", verbose=verbose)
 
 
 @dataclass(frozen=True)
 class PDESpec:
     """Everything load_dataset needs to know about one PDE's dataset (the paper's table)."""
-    channels: int            # S
+    channels: tuple          # names of the S state channels
+    boundary: str            # how the grid continues: 'cosine' (zero-flux walls), 'periodic', 'sphere'
     spacing: float           # time between frames
     windows: int             # windows of `window` frames per trajectory
     trajectories: dict       # split -> paper count (the default)
@@ -842,23 +895,24 @@ class PDESpec:
     settings: dict = field(default_factory=dict)  # physical settings, part of the cache key
     window: int = 20
     n_in_t: int = 10
+    width_ratio: int = 1     # grid points along W per point along H (the sphere: 2 longitudes per latitude)
     cut_from: int | None = None  # if set: sets of other sizes are every k-th point of this size's set
     most: dict | None = None     # split -> largest count allowed, where more than the paper's make sense
 
 
 SPECS = {
     "heat": PDESpec(
-        channels=1, spacing=0.25, windows=2, trajectories={"train": 256, "test": 16},
+        channels=("u",), boundary="cosine", spacing=0.25, windows=2, trajectories={"train": 256, "test": 16},
         sizes={"train": 64, "test": 64}, make=make_heat,
         coords=lambda size: planar_coords(size, low=-1.0, high=1.0, cell_centred=True),
         settings=dict(diffusivity=0.1, grf=(2.5, 7.0), domain="[-1,1]^2 cell-centred, Neumann", dtype="float32")),
     "wave": PDESpec(
-        channels=2, spacing=0.25, windows=8, trajectories={"train": 64, "test": 4},
+        channels=("u", "du_dt"), boundary="periodic", spacing=0.25, windows=8, trajectories={"train": 64, "test": 4},
         sizes={"train": 64, "test": 64}, make=make_wave,
         coords=lambda size: planar_coords(size, low=-1.0, high=1.0, cell_centred=False),
         settings=dict(speed=1.0 / 16, radius=(0.25, 0.30), height=(2.0, 4.0), domain="[-1,1)^2 periodic", dtype="float32")),
     "navier-stokes": PDESpec(
-        channels=1, spacing=1.0, windows=2, trajectories={"train": 256, "test": 16},
+        channels=("vorticity",), boundary="periodic", spacing=1.0, windows=2, trajectories={"train": 256, "test": 16},
         sizes={"train": 64, "test": 64}, make=make_navier_stokes,
         coords=lambda size: planar_coords(size, low=0.0, high=1.0, cell_centred=False),
         settings=dict(viscosity=1e-3, spin_up=30.0, forcing="0.1(sin 2pi(x+y) + cos 2pi(x+y))",
@@ -866,8 +920,8 @@ SPECS = {
     # Simulated at 256x128 (T127) whatever the size asked for; smaller sets are every k-th point of
     # that set, so every size (and evaluate.py's free points) sees the same simulation.
     "shallow-water": PDESpec(
-        channels=2, spacing=1.0, windows=8, trajectories={"train": 8, "test": 2},
-        sizes={"train": 64, "test": 64}, cut_from=SPHERE_DATA_NLAT,
+        channels=("height", "vorticity"), boundary="sphere", spacing=1.0, windows=8, trajectories={"train": 8, "test": 2},
+        sizes={"train": 64, "test": 64}, cut_from=SPHERE_DATA_NLAT, width_ratio=2,
         most={"train": 16, "test": 2},  # a later paper trained on 16 runs: n_trajectories=16
         make=lambda split, indices, size, verbose=False: shallow_water_trajectories(
             split, indices, size=size, threads=1, verbose=verbose),
@@ -892,14 +946,14 @@ class PDEData:
 
 
 def _resolve(pde, split, size, n_trajectories):
-    if pde not in PDES:
-        raise ValueError(f"unknown pde {pde!r}; allowed: {', '.join(PDES)}")
     if pde not in SPECS:
-        raise ValueError(f"pde {pde!r} is not available yet: its solver is not in this solvers.py "
-                         f"(available: {', '.join(SPECS)})")
+        raise ValueError(f"unknown pde {pde!r}; allowed: {', '.join(PDES)}")
     spec = SPECS[pde]
     if split not in spec.trajectories:
         raise ValueError(f"unknown split {split!r} for {pde}; allowed: {', '.join(spec.trajectories)}")
+    for name, value in (("size", size), ("n_trajectories", n_trajectories)):
+        if value is not None and (isinstance(value, bool) or not float(value).is_integer()):
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
     size = spec.sizes[split] if size is None else int(size)
     if size < 4:
         raise ValueError(f"size must be >= 4 grid points, got {size}")
@@ -911,12 +965,33 @@ def _resolve(pde, split, size, n_trajectories):
     most = (spec.most or spec.trajectories)[split]
     if not 1 <= n <= most:
         raise ValueError(f"n_trajectories must be in 1..{most} for {pde} {split}, got {n_trajectories}")
+    # float32 frames, held about three times while a set is built, resampled and serialised
+    need = 3 * 4 * n * spec.windows * spec.window * size * size * spec.width_ratio * len(spec.channels)
+    if need > physical_memory():
+        raise ValueError(f"a {pde} {split} set of {n} trajectories at size {size} needs about "
+                         f"{need / 2**30:.0f} GiB of memory, more than this machine's "
+                         f"{physical_memory() / 2**30:.0f} GiB; choose a smaller size")
     return spec, size, n
+
+
+def physical_memory():
+    """Bytes of RAM on this machine (the bound for what a dataset or an evaluation may allocate)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _cache_path(data_dir, pde, split, size, n, settings):
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return os.path.join(data_dir, f"{pde}-{split}-{size}px-{n}traj-{digest}.pt")
+
+
+def _checksum(payload):
+    """SHA-256 of the stored tensors' bytes: a flipped byte anywhere in the data is caught on load
+    (0.1 s per 170 MB; the zip container itself only notices truncation)."""
+    digest = hashlib.sha256()
+    for key in ("frames", "coords", "t", "trajectory", "mask"):
+        if payload[key] is not None:
+            digest.update(payload[key].contiguous().numpy())
+    return digest.hexdigest()
 
 
 def _build(pde, split, size, n, spec, verbose, data_dir):
@@ -937,44 +1012,52 @@ def _build(pde, split, size, n, spec, verbose, data_dir):
                 mask=None if mask is None else mask.bool())
 
 
+def _read_cache(path, settings, expected_shape):
+    """The cached payload, or None with the reason when the file is unreadable, stale or corrupted."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)  # never runs pickled code
+    except Exception as err:  # truncated, not a torch file, ...
+        return None, f"unreadable ({type(err).__name__})"
+    if not isinstance(payload, dict) or payload.get("settings") != settings:
+        return None, "its stored settings differ"
+    if tuple(payload["frames"].shape[:2]) + tuple(payload["frames"].shape[4:]) != expected_shape:
+        return None, "its shapes differ"
+    if payload.get("checksum") != _checksum(payload):
+        return None, "corrupted (checksum mismatch)"
+    return payload, None
+
+
 def load_dataset(pde, split, *, size=None, data_dir="data", n_trajectories=None, device="cpu",
                  verbose=True):
     """The paper's dataset for `pde` and `split` as a PDEData (see the dataclass for shapes).
 
     size: grid points along H (None = the paper's 64); n_trajectories: None = the paper's count,
     smaller = the first n trajectories of the full set. Generated on the first call and cached in
-    data_dir under a name holding a hash of every setting; a cached file whose stored settings or
-    shapes disagree, or that cannot be read, is regenerated. Writes go to a temporary name first.
+    data_dir under a name holding a hash of every setting, with a checksum of the data; a cached
+    file that is unreadable, stale or corrupted is reported in one line and regenerated. Errors:
+    ValueError for bad arguments or a data_dir that cannot hold the cache (checked before any
+    work), OSError when writing the cache fails (nothing is left behind).
     """
     spec, size, n = _resolve(pde, split, size, n_trajectories)
     settings = dict(pde=pde, split=split, size=size, n_trajectories=n, version=CACHE_VERSION,
                     spacing=spec.spacing, window=spec.window, windows=spec.windows,
-                    channels=spec.channels, **spec.settings)
+                    channels=len(spec.channels), **spec.settings)
     settings = json.loads(json.dumps(settings))  # canonical form (tuples -> lists) for comparison
     path = _cache_path(data_dir, pde, split, size, n, settings)
     payload = None
     if os.path.exists(path):
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            shape = payload["frames"].shape
-            if payload.get("settings") != settings or tuple(shape) != (
-                    n * spec.windows, spec.window, *shape[2:4], spec.channels):
-                raise ValueError("stored settings or shapes differ")
-        except Exception as err:  # unreadable, truncated or stale: regenerate
-            if verbose:
-                print(f"cache {path} unusable ({type(err).__name__}: {err}); regenerating")
-            payload = None
+        payload, problem = _read_cache(path, settings, (n * spec.windows, spec.window, len(spec.channels)))
+        if problem:
+            print(f"cache {path} is {problem}; regenerating it", flush=True)
     if payload is None:
+        check_writable(data_dir, name="data_dir")
         start = time.time()
         if verbose:
             grid = "x".join(map(str, reversed(spec.coords(size).shape[:2])))  # W x H (sphere: lon x lat)
             print(f"generating {pde} {split}: {n} trajectories on a {grid} grid -> {path}", flush=True)
         payload = _build(pde, split, size, n, spec, verbose, data_dir)
-        payload["settings"] = settings
-        os.makedirs(data_dir, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(payload, tmp)
-        os.replace(tmp, path)  # atomic: a crash leaves no half-written cache under the real name
+        payload["settings"], payload["checksum"] = settings, _checksum(payload)
+        save_torch(path, payload)
         if verbose:
             print(f"generated {pde} {split} in {time.time() - start:.1f} s "
                   f"({os.path.getsize(path) / 2**20:.1f} MiB)")
@@ -983,6 +1066,97 @@ def load_dataset(pde, split, *, size=None, data_dir="data", n_trajectories=None,
                    coords=payload["coords"].to(device), t=payload["t"].to(device),
                    trajectory=payload["trajectory"].to(device),
                    mask=None if mask is None else mask.to(device), n_in_t=spec.n_in_t)
+
+
+# ---------------------------------------------------------------------------- files and devices
+# Every file the project writes (data cache, checkpoints, metrics, pictures) goes through
+# write_atomic: written under a temporary name in the same folder, then renamed, so a crash, a
+# full disk or a kill never leaves a partial file under the real name.
+_TEMPORARY = re.compile(r"\.tmp-(\d+)(\.\w+)?$")  # name.tmp-PID[.ext]
+
+
+def check_writable(folder, *, name="--out"):
+    """ValueError unless files can be written in `folder` (created later if missing): probed by
+    a real write in the nearest existing parent, which leaves nothing behind."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{name} {folder!r} cannot be created: {existing!r} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"{name} {folder!r} is not writable ({err.strerror} in {existing!r})") from None
+
+
+def remove_stale_temporaries(folder):
+    """Delete temporary files of write_atomic left in `folder` by processes that no longer run."""
+    for entry in os.listdir(folder):
+        match = _TEMPORARY.search(entry)
+        if match and not _process_alive(int(match.group(1))):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, entry))
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def write_atomic(path, write):
+    """All-or-nothing file write: write(tmp) fills a temporary file beside `path`, which is then
+    renamed to `path`. On any failure the temporary file is removed and an OSError says which file
+    and why in one line; the old `path`, if any, is untouched."""
+    folder = os.path.dirname(os.path.abspath(path))
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp-{os.getpid()}{ext}"  # the extension stays last: writers pick formats by it
+    try:
+        os.makedirs(folder, exist_ok=True)
+        remove_stale_temporaries(folder)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise OSError(f"cannot write {path}: {err.strerror or err}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
+def save_torch(path, obj):
+    """torch.save through write_atomic. Serialised in memory first: torch's own file writer reports
+    a full disk as an opaque RuntimeError, Python's file.write as the OSError it is."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the real file
+    write_atomic(path, write)
+
+
+def resolve_device(name):
+    """'auto' -> cuda if present, else cpu; ValueError for a device this machine does not have."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; allowed: auto, cpu, cuda, cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r} is not supported; allowed: auto, cpu, cuda, cuda:N")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name!r}: no such CUDA device here ({torch.cuda.device_count()} found); "
+                         f"allowed: auto, cpu")
+    return str(device)
 
 
 # ---------------------------------------------------------------------------- benchmark
@@ -1047,6 +1221,7 @@ def bench(repeats=3):
 # ---------------------------------------------------------------------------- command line
 def main():
     parser = argparse.ArgumentParser(description="Build (or load) a DINo dataset, or run --bench.")
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")  # one line
     parser.add_argument("pde", nargs="?", choices=[p for p in PDES if p in SPECS])
     parser.add_argument("--split", default="train")
     parser.add_argument("--size", type=int, default=None)
@@ -1062,8 +1237,8 @@ def main():
         start = time.time()
         data = load_dataset(args.pde, args.split, size=args.size, data_dir=args.data_dir,
                             n_trajectories=args.n_trajectories)
-    except ValueError as err:
-        parser.error(str(err))  # exit status 2
+    except (ValueError, OSError) as err:
+        parser.error(str(err))  # one line, exit status 2
     print(f"{data.pde} {data.split}: frames {tuple(data.frames.shape)}, coords "
           f"{tuple(data.coords.shape)}, t {data.t[0]:g}..{data.t[-1]:g}, "
           f"|frames| max {data.frames.abs().max():.3f}, loaded in {time.time() - start:.2f} s")

@@ -1,51 +1,57 @@
 """Training DINo (Yin, Kirchmeyer et al., ICLR 2023, arXiv:2209.14855v2, Sec. 4.2 and Alg. 1).
 
-Two problems are solved together, as in the paper's Eq. 5-6:
+Alg. 1 solves two problems together (the paper's Eq. 5-6):
   1. auto-decoding: the decoder D_phi and one code alpha_t per (window, frame, channel) minimise
      the reconstruction error of the observed points, L_dec = |v_t(x) - D_phi(alpha_t)(x)|^2;
-  2. dynamics: f_psi is fitted to the learned code sequences (codes DETACHED, so the dynamics
-     never bends the representation): L_dyn = |alpha_t - (alpha_0 + int_0^t f_psi(alpha) dt)|^2,
-     integrated with RK4 and scheduled restarts from the learned codes (teacher forcing).
-Adam with the paper's rates (decoder 1e-2, codes and dynamics 1e-3). The paper's schedule
-(`--schedule epoch`, the default): the codes step after every minibatch, the decoder and the
-dynamics once per epoch on gradients summed over its minibatches. `--schedule minibatch` steps
-all three every minibatch (measured in README).
+  2. dynamics: f_psi is fitted to the learned code sequences (codes DETACHED, so the dynamics never
+     bends the representation): L_dyn = |alpha_t - (alpha_0 + int_0^t f_psi(alpha) dt)|^2,
+     RK4 at the frame times with scheduled restarts from the learned codes (teacher forcing).
+Adam with the paper's rates: decoder 1e-2, codes and dynamics 1e-3; each code row has its own Adam.
+
+The paper's schedule (`schedule="epoch"`): the codes step after every minibatch, the decoder and the
+dynamics once per epoch on gradients summed over its minibatches. Within an epoch the networks are
+frozen and every code row is read once, just before its own step, so the whole epoch is ONE step
+on the sum of all windows' losses, each weighted by 1 / (size of its minibatch): that is how it is
+computed here, a few thousand kernels per epoch however many minibatches it has. `schedule=
+"minibatch"` steps all three every minibatch (it reaches the same error 2.7x sooner: README).
+
+Several processes (torchrun): each owns a fixed shard of the windows with their codes; the network
+gradients are summed across processes, once per step, so the paper's schedule gives the same
+numbers as one process. Codes are never communicated, except into checkpoints.
 
 Usage:
-    python train.py --pde heat --preset quick --threads 1  # about 6 minutes on a CPU (README)
-    python train.py --pde navier-stokes --device cuda      # the paper's sizes
-    python train.py --out runs/heat-quick --resume         # continue a run where it stopped
-    python evaluate.py runs/heat-quick                     # metrics, GIFs, error plot
-Every `eval_every` iterations one labelled line is logged (train metric used for selection, test
-metric reported only) and `last.pt` / `best.pt` (best on TRAINING data) are written atomically.
+    python train.py --pde heat                      # quick preset on a CPU, paper on a GPU (1st log line)
+    python train.py --pde navier-stokes --preset paper --device cuda
+    torchrun --standalone --nproc_per_node=4 train.py --pde navier-stokes --device cuda
+    python train.py --out runs/heat-quick --resume  # continue where a run stopped
+    python evaluate.py runs/heat-quick              # metrics table, GIFs, error plot
 """
 import argparse
+import contextlib
 import math
 import os
-import random
 import signal
 import sys
-import tempfile
 import threading
 import time
 import typing
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
-import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from autodecode import CodeTable, fit_codes
-from dynamics import Dynamics, epsilon_schedule, rollout, rollout_with_restarts
+from autodecode import CodeTable, fit_codes, fit_codes_closed_form
+from dynamics import Dynamics, check_times, epsilon_schedule, restart_mask, rollout, rollout_with_restarts
 from inr import Decoder
-from solvers import PDES, load_dataset
+from solvers import SPECS, check_writable, load_dataset, resolve_device, save_torch
 
 # ---- configuration: one table, every PDE x preset
 
 
 @dataclass(frozen=True)
 class Config:
-    pde: str                    # 'heat' | 'wave' | 'navier-stokes' | 'shallow-water'
+    pde: str                    # a dataset of solvers.py: heat | wave | navier-stokes | shallow-water
     # data
     size: int = 64              # grid points along H (planar H = W = size; sphere nlat = size, nlon = 2*size)
     n_train: int = 256          # training trajectories (each gives several windows of 20 frames)
@@ -54,106 +60,447 @@ class Config:
     mask_seed: int = 0          # seed of that random observation mask
     # coordinates: the decoder sees (x + coord_shift) * coord_scale (the official code feeds
     # planar points in [0, 0.5], the range its input_scale of 64 was tuned for)
-    coord_shift: float = 1.0    # added to physical coordinates (planar [-1, 1] -> [0, 2])
-    coord_scale: float = 0.25   # then multiplied (-> [0, 0.5]); stored in every checkpoint
-    # model (settings.md, "Model")
+    coord_shift: float = 0.0    # added to physical coordinates
+    coord_scale: float = 0.5    # then multiplied; stored in every checkpoint
+    # model (the official Navier-Stokes sizes)
     code_dim: int = 100         # D: code size per state channel
-    hidden: int = 64            # decoder width K
+    hidden: int = 64            # decoder width K (even: sin and cos halves)
     layers: int = 3             # decoder hidden layers
     input_scale: float = 64.0   # decoder filter frequency scale
     dyn_hidden: int = 512       # width of the dynamics MLP f_psi
     # optimisation
-    batch_size: int = 32        # windows per minibatch
+    batch_size: int = 32        # windows per minibatch (per process under torchrun)
     epochs: int = 10_000        # the official script ran 120,000 (stopped by hand); a re-run used 10,000
-    schedule: str = "epoch"     # 'epoch': decoder and dynamics step once per epoch (paper); 'minibatch'
+    schedule: str = "epoch"     # 'epoch': decoder and dynamics step once per epoch (paper) | 'minibatch'
     lr_decoder: float = 1e-2    # Adam rate of the decoder
-    lr_codes: float = 1e-3      # Adam rate of the code table
+    lr_codes: float = 1e-3      # Adam rate of the code rows
     lr_dynamics: float = 1e-3   # Adam rate of f_psi
     eps_start: float = 0.99     # teacher forcing: restart probability at iteration 0 ...
     eps_decay: float = 0.99     # ... multiplied by this ...
-    eps_every: int = 100        # ... every this many iterations ...
+    eps_every: int = 100        # ... every this many iterations (minibatches) ...
     eps_floor: float = 1e-3     # ... and counted as 0 below this
-    # evaluation
-    fit_steps: int = 300        # Adam steps to fit a test window's frame-0 code (keep-best)
-    fit_lr: float = 1e-2        # their rate
+    # inference: fitting alpha_0 of a new observation
+    fit: str = "closed-form"    # 'closed-form': ridge least squares, ridge chosen on training windows | 'adam'
+    fit_steps: int = 300        # 'adam': steps from zero (best code kept) ...
+    fit_lr: float = 1e-2        # ... and their rate
+    # bookkeeping
     eval_every: int = 500       # iterations (minibatches) between evaluations and checkpoints
     seed: int = 0               # initialisation, shuffling and restart draws
 
 
-_HEAT = Config(pde="heat")  # heat has no official config: the Navier-Stokes sizes (settings.md)
-CONFIGS = {
-    ("heat", "paper"): _HEAT,
-    ("wave", "paper"): replace(_HEAT, pde="wave", n_train=64, n_test=4, code_dim=50, dyn_hidden=256,
-                               fit_steps=500),
-    ("navier-stokes", "paper"): replace(_HEAT, pde="navier-stokes", coord_shift=0.0, coord_scale=0.5),
-    # sphere: xyz on the unit sphere scaled by 0.5 (quick preset: 0.5 beat 0.25, 1 and 2, README);
-    # 128 x 64 grid with the latitude-thinning mask; 8 / 2 trajectories of 8 windows
-    ("shallow-water", "paper"): replace(_HEAT, pde="shallow-water", n_train=8, n_test=2, coord_shift=0.0,
-                                        coord_scale=0.5, code_dim=200, hidden=256, layers=6,
-                                        dyn_hidden=800, batch_size=4, fit_steps=500, eval_every=200),
-    # quick: small grids, fewer trajectories, smaller nets, every minibatch steps everything (the
-    # paper's schedule reaches the same error 2.7x later: README); 6-7 minutes on one CPU core
-    ("heat", "quick"): replace(_HEAT, size=32, n_train=128, n_test=8, code_dim=32, dyn_hidden=128,
-                               batch_size=16, epochs=800, schedule="minibatch", fit_steps=200,
-                               eval_every=500),
-    ("wave", "quick"): replace(_HEAT, pde="wave", size=32, n_train=16, n_test=2, code_dim=32,
-                               dyn_hidden=128, batch_size=16, epochs=1500, schedule="minibatch",
-                               fit_steps=200, eval_every=500),
-    ("navier-stokes", "quick"): replace(_HEAT, pde="navier-stokes", size=32, n_train=64, n_test=8,
-                                        coord_shift=0.0, coord_scale=0.5, code_dim=32, dyn_hidden=128,
-                                        batch_size=16, epochs=1500, schedule="minibatch", fit_steps=200,
-                                        eval_every=500),
-    ("shallow-water", "quick"): replace(_HEAT, pde="shallow-water", size=32, n_train=4, n_test=1,
-                                        coord_shift=0.0, coord_scale=0.5, code_dim=32, hidden=64,
-                                        layers=3, dyn_hidden=128, batch_size=8, epochs=3000,
-                                        schedule="minibatch", fit_steps=200, eval_every=500),
+PAPER = Config(pde="navier-stokes")   # the official Navier-Stokes settings: the base of every preset
+QUICK = replace(PAPER, size=32, code_dim=32, dyn_hidden=128, batch_size=16, schedule="minibatch", fit_steps=200)
+CONFIGS = {  # planar [-1, 1] domains map to [0, 0.5] like the official [0, 1) ones; the sphere's xyz
+    # are scaled by 0.5 (quick preset: better than 0.25, 1 and 2, README). Quick: small grids, fewer
+    # trajectories, smaller nets, every minibatch steps everything; 5-7 minutes on one CPU core.
+    ("navier-stokes", "paper"): PAPER,
+    ("heat", "paper"): replace(PAPER, pde="heat", coord_shift=1.0, coord_scale=0.25),  # no official config
+    ("wave", "paper"): replace(PAPER, pde="wave", coord_shift=1.0, coord_scale=0.25, n_train=64, n_test=4,
+                               code_dim=50, dyn_hidden=256, fit_steps=500),
+    ("shallow-water", "paper"): replace(PAPER, pde="shallow-water", n_train=8, n_test=2, code_dim=200, hidden=256,
+                                        layers=6, dyn_hidden=800, batch_size=4, fit_steps=500, eval_every=200),
+    ("heat", "quick"): replace(QUICK, pde="heat", coord_shift=1.0, coord_scale=0.25, n_train=128, n_test=8,
+                               epochs=800),
+    ("wave", "quick"): replace(QUICK, pde="wave", coord_shift=1.0, coord_scale=0.25, n_train=16, n_test=2,
+                               epochs=1500),
+    ("navier-stokes", "quick"): replace(QUICK, pde="navier-stokes", n_train=64, n_test=8, epochs=1500),
+    ("shallow-water", "quick"): replace(QUICK, pde="shallow-water", n_train=4, n_test=1, batch_size=8, epochs=3000),
 }
-PRESETS = ("quick", "paper")
-SCHEDULES = ("epoch", "minibatch")
-CHECKPOINT_FORMAT = "dino-run/1"  # tag that tells our checkpoints from foreign files
+PRESETS, SCHEDULES, FITS = ("quick", "paper"), ("epoch", "minibatch"), ("closed-form", "adam")
+RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)   # candidate ridge weights of the closed-form fit
+RULES = {  # field -> (test, what is allowed); every float must also be finite
+    "pde": (lambda v: v in SPECS, ", ".join(SPECS)), "schedule": (lambda v: v in SCHEDULES, ", ".join(SCHEDULES)),
+    "fit": (lambda v: v in FITS, ", ".join(FITS)), "subsampling": (lambda v: 0 < v <= 1, "(0, 1]"),
+    "size": (lambda v: v >= 4, ">= 4"), "hidden": (lambda v: v >= 2 and v % 2 == 0, "even, >= 2"),
+    "coord_scale": (lambda v: v != 0, "non-zero"), "eps_start": (lambda v: 0 <= v <= 1, "[0, 1]"),
+    "eps_decay": (lambda v: 0 < v <= 1, "(0, 1]"), "eps_floor": (lambda v: 0 <= v < 1, "[0, 1)"),
+    **{name: (lambda v: v >= 0, ">= 0") for name in ("epochs", "fit_steps", "seed", "mask_seed")},
+    **{name: (lambda v: v >= 1, ">= 1") for name in ("n_train", "n_test", "code_dim", "layers", "dyn_hidden",
+                                                    "batch_size", "eps_every", "eval_every")},
+    **{name: (lambda v: v > 0, "> 0") for name in ("input_scale", "lr_decoder", "lr_codes", "lr_dynamics", "fit_lr")},
+}
 
 
 def check_config(cfg):
-    """Raise ValueError naming the first bad field and what is allowed."""
-    if cfg.pde not in PDES:
-        raise ValueError(f"pde {cfg.pde!r} is unknown; allowed: {', '.join(PDES)}")
-    if not 0.0 < cfg.subsampling <= 1.0:
-        raise ValueError(f"subsampling {cfg.subsampling} is outside (0, 1]")
-    if cfg.schedule not in SCHEDULES:
-        raise ValueError(f"schedule {cfg.schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
-    for name in ("size", "n_train", "n_test", "code_dim", "hidden", "layers", "dyn_hidden", "batch_size",
-                 "eval_every", "eps_every"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} = {getattr(cfg, name)} must be at least 1")
-    for name in ("epochs", "fit_steps"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"{name} = {getattr(cfg, name)} must not be negative")
+    """ValueError naming the first bad field and what is allowed: every field, before any work."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} = {value} must be a finite number")
+        test, allowed = RULES.get(f.name, (lambda v: True, ""))
+        if not test(value):
+            raise ValueError(f"{f.name} = {value!r} is not allowed; allowed: {allowed}")
 
 
-def override(cfg, assignments):
-    """Apply `key=value` strings, typed by the Config field; unknown keys are errors."""
-    types = typing.get_type_hints(Config)
-    changes = {}
-    for item in assignments:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or key not in types or key == "pde":
-            allowed = ", ".join(k for k in types if k != "pde")
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of: {allowed}")
+# ---- the model: decoder + dynamics, and DINo's inference (Alg. 1, bottom)
+
+
+class DINo(nn.Module):
+    """The two trained networks and what it takes to forecast from raw observations: the map from
+    physical coordinates to decoder inputs and the test-time fit of alpha_0. Every method takes
+    physical coordinates (..., X) and converts inputs to the model's device and dtype."""
+
+    def __init__(self, cfg, *, coord_dim, n_channels):
+        super().__init__()
+        self.decoder = Decoder(coord_dim=coord_dim, code_dim=cfg.code_dim, hidden=cfg.hidden,
+                               layers=cfg.layers, input_scale=cfg.input_scale)
+        self.dynamics = Dynamics(n_channels=n_channels, code_dim=cfg.code_dim, hidden=cfg.dyn_hidden)
+        self.coord_shift, self.coord_scale = cfg.coord_shift, cfg.coord_scale
+        self.fit, self.fit_steps, self.fit_lr = cfg.fit, cfg.fit_steps, cfg.fit_lr
+        self.register_buffer("ridge", torch.tensor(1e-2))   # closed-form fit; chosen on training windows
+
+    def _like(self, x):
+        return torch.as_tensor(x).to(self.ridge)
+
+    def map_coords(self, coords):
+        """Physical positions (..., X) -> decoder inputs (the affine map of the config)."""
+        return (self._like(coords) + self.coord_shift) * self.coord_scale
+
+    def fit_codes(self, coords, values, mask=None):
+        """alpha_0 (B, S, D) of observations values (B, N, S) at coords (N, X): FitResult."""
+        coords, values = self.map_coords(coords), self._like(values)
+        if self.fit == "closed-form":
+            return fit_codes_closed_form(self.decoder, coords, values, mask, ridge=self.ridge.item())
+        return fit_codes(self.decoder, coords, values, mask, steps=self.fit_steps, lr=self.fit_lr)
+
+    def forecast_codes(self, coords, values, t):
+        """Fit alpha_0 to values (B, N, S) observed at coords (N, X) at time t[0], integrate
+        d alpha/dt = f_psi(alpha) to the times t (T,) -> codes (B, T, S, D)."""
+        t = self._like(t)
+        check_times(t)
+        with torch.no_grad():
+            return rollout(self.dynamics, self.fit_codes(coords, values).codes, t - t[0])
+
+    def decode(self, coords, codes):
+        """Codes (B, T, S, D) -> values (B, T, N, S) at coords (N, X). The decoder is affine in the
+        code (inr.py), so this is offset(x) + jacobian(x) . alpha: one product, no graph."""
+        with torch.no_grad():
+            parts = self.decoder.affine_parts(self.map_coords(coords))      # offset (1, N), jacobian (1, N, D)
+            return (self._like(codes) @ parts.jacobian[0].T + parts.offset[0]).transpose(-1, -2)  # (B, T, N, S)
+
+    def forecast(self, coords_obs, values_obs, t, coords_query):
+        """DINo in one call: values_obs (N, S) observed at coords_obs (N, X) at time t[0] ->
+        forecast (T, Nq, S) at any points coords_query (Nq, X). A leading batch dimension on
+        values_obs, (B, N, S), gives (B, T, Nq, S)."""
+        values = self._like(values_obs)
+        single = values.dim() == 2
+        codes = self.forecast_codes(coords_obs, values[None] if single else values, t)
+        pred = self.decode(coords_query, codes)                             # (B, T, Nq, S)
+        return pred[0] if single else pred
+
+
+# ---- one training step of Alg. 1: both problems, on any set of windows
+
+
+def train_step(run, rows, weight, restart):
+    """One optimiser step on this process's windows `rows` (R,): each window's L_dec + L_dyn,
+    times weight (R,), summed; restart (R, T-1) the teacher-forcing draws. The code rows step at
+    once, each with its own Adam; the networks after their gradients are summed over processes.
+    In chunks of windows only where memory needs it (run.chunk, sized from the data). Nothing is
+    read back to the host: the losses accumulate on the device in run.loss_sums."""
+    model = run.model
+    run.flat_grad.zero_()                                                # every .grad is a view of it
+    for chunk in torch.arange(len(rows)).split(run.chunk):
+        ids, w = rows[chunk], weight[chunk]
+        codes = run.codes(ids).requires_grad_()                          # (R, T, S, D)
+        pred = model.decoder(run.coords, codes)                          # (R, T, N_obs, S)
+        loss_dec = (pred - run.values.index_select(0, ids)).pow(2).mean(dim=(1, 2, 3))     # (R,)
+        target = codes.detach()                                          # L_dyn never bends the codes
+        path = rollout_with_restarts(model.dynamics, target, run.t, restart[chunk])      # (R, T, S, D)
+        loss_dyn = (path - target).pow(2).mean(dim=(1, 2, 3))            # (R,)
+        ((loss_dec + loss_dyn) * w).sum().backward()                     # two graphs, one backward
+        run.codes.step(ids, codes.grad)
+        run.loss_sums += torch.stack([(loss_dec * w).sum(), (loss_dyn * w).sum()]).detach()
+    run.group.sum_(run.flat_grad)                                        # one all-reduce (SUM)
+    run.optimiser.step()
+
+
+@dataclass
+class EpochPlan:
+    """What one epoch does, drawn at its start from the run's CPU generator: the same draws on
+    every device and in every process, so that any number of processes computes the same epoch."""
+    rows: torch.Tensor          # (R,) this process's windows (local rows) in the order they step
+    weight: torch.Tensor        # (R,) loss weight: 1 / (windows in its minibatch, all processes)
+    restart: torch.Tensor       # (R, T-1) bool teacher-forcing restarts
+    steps: list                 # slices of rows, one per optimiser step
+    iterations: int             # minibatches counted per step
+
+
+def plan_epoch(run, progress):
+    cfg, (lo, hi), n, bs = run.cfg, run.shard, run.n_windows, run.cfg.batch_size
+    run.generator.set_state(progress.rng)                                # the state at the epoch's start
+    perm = torch.randperm(n, generator=run.generator)                    # the global shuffle
+    uniform = torch.rand(n, len(run.t) - 1, generator=run.generator)    # restart draws, by window
+    if cfg.schedule == "epoch":  # ONE step; minibatch k of the shuffle gives each window's weight and epsilon
+        position = torch.empty_like(perm)
+        position[perm] = torch.arange(n)
+        mine = torch.arange(lo, hi)
+        batch = position[mine] // bs                                     # (R,) its minibatch
+        size = (n - batch * bs).clamp(max=bs)
+        n_batches = -(-n // bs)
+        steps, iterations = [slice(0, hi - lo)], n_batches
+    else:  # one step per minibatch of this process's windows; a step's size counts every process's
+        mine = perm[(perm >= lo) & (perm < hi)]
+        batch = torch.arange(hi - lo) // bs                              # (R,) its step
+        sizes = [b - a for a, b in run.group.shards(n)]
+        n_batches, shards = -(-max(sizes) // bs), torch.tensor(sizes)
+        size = (shards[None] - bs * torch.arange(n_batches)[:, None]).clamp(0, bs).sum(1)[batch]
+        steps, iterations = [slice(k * bs, (k + 1) * bs) for k in range(n_batches)], 1
+    start = progress.iteration - progress.step * iterations              # iteration at the epoch's start
+    eps = torch.tensor([epsilon(cfg, start + k) for k in range(n_batches)])[batch]   # (R,) per iteration
+    device = run.values.device
+    return EpochPlan(rows=to_device(mine - lo, device), weight=to_device(1.0 / size, device),
+                     restart=to_device(restart_mask(uniform[mine], eps), device), steps=steps,
+                     iterations=iterations)
+
+
+def to_device(tensor, device):
+    """A CPU tensor on the run's device without blocking the host (through pinned memory)."""
+    if torch.device(device).type == "cpu":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def epsilon(cfg, iteration):
+    return epsilon_schedule(iteration, start=cfg.eps_start, decay=cfg.eps_decay, every=cfg.eps_every,
+                            floor=cfg.eps_floor)
+
+
+# ---- the loop: Alg. 1, with an evaluation and a checkpoint every eval_every iterations
+
+
+@dataclass
+class TrainResult:
+    out: str            # run folder (last.pt, best.pt, log.txt)
+    epoch: int          # epochs completed
+    iteration: int      # minibatches done
+    stopped: str        # 'epochs' | 'minutes' | the signal that stopped it ('SIGINT', 'SIGTERM', 'SIGHUP')
+    best_train: float   # best train In-t relative MSE (selects best.pt)
+    history: list       # one dict per evaluation
+
+
+def train(cfg, *, out, device="cpu", minutes=None, resume=None, data_dir="data", label="", log=print):
+    """Train DINo with `cfg` into folder `out` (under torchrun: together with the other processes).
+    resume: a checkpoint dict to continue exactly (written on any device, by any number of processes)."""
+    check_config(cfg)
+    run = setup(cfg, device=device, data_dir=data_dir)
+    progress = Progress(rng=run.generator.get_state()) if resume is None else restore(run, resume)
+    say, clock, stopped = Log(out, log if run.group.rank == 0 else None), Clock(progress, minutes, device), None
+    with stop_requests() as asked:
+        while progress.epoch < cfg.epochs and not stopped:
+            plan = plan_epoch(run, progress)
+            for s in plan.steps[progress.step:]:
+                train_step(run, plan.rows[s], plan.weight[s], plan.restart[s])
+                crossed = progress.advance(plan, run.generator, cfg.eval_every)
+                if clock.tick():                                        # the first step of this session
+                    say(summary(run, label, clock, progress))
+                if crossed:
+                    evaluate_and_save(run, progress, say, out, clock)
+                stopped = run.group.agree_stop(asked, clock.out_of_time())
+                if stopped:
+                    break
+    if stopped in (None, "minutes"):
+        if not progress.history or progress.history[-1]["iteration"] != progress.iteration:
+            evaluate_and_save(run, progress, say, out, clock)
+    else:
+        progress.elapsed = clock.elapsed()
+        save(run, progress, os.path.join(out, "last.pt"))
+        say(f"stopped by {stopped} at epoch {progress.epoch}, iteration {progress.iteration}: saved "
+            f"{out}/last.pt; continue with: python train.py --out {out} --resume")
+    return TrainResult(out=out, epoch=progress.epoch, iteration=progress.iteration, stopped=stopped or "epochs",
+                       best_train=progress.best_train, history=progress.history)
+
+
+@dataclass
+class Progress:
+    """Where a run stands: all of it goes into the checkpoint."""
+    rng: torch.Tensor                   # the CPU generator's state at the start of the current epoch
+    epoch: int = 0                      # epochs completed
+    step: int = 0                       # optimiser steps done in the current epoch
+    iteration: int = 0                  # minibatches done (the epsilon schedule and eval_every count them)
+    losses: int = 0                     # minibatches in run.loss_sums (since the last evaluation)
+    elapsed: float = 0.0                # seconds of training, all sessions
+    best_train: float = math.inf        # best train In-t so far (selects best.pt)
+    history: list = field(default_factory=list)   # one dict per evaluation
+
+    def advance(self, plan, generator, eval_every):
+        """Count one optimiser step; True when it crosses a multiple of eval_every."""
+        before = self.iteration
+        self.step, self.iteration, self.losses = self.step + 1, self.iteration + plan.iterations, \
+            self.losses + plan.iterations
+        if self.step == len(plan.steps):                                # the epoch is done
+            self.epoch, self.step, self.rng = self.epoch + 1, 0, generator.get_state()
+        return self.iteration // eval_every > before // eval_every
+
+
+# ---- evaluation during training: train (selection), ridge (fit), test (report only)
+
+
+def squared_sums(pred, truth):
+    """(sum of squared errors, sum of squared truth), a (2,) tensor: their ratio is the relative MSE."""
+    return torch.stack([(pred - truth).pow(2).sum(), truth.pow(2).sum()])
+
+
+def relative_mse(pred, truth):
+    """MSE / mean square of the truth: 1.0 is 'no better than predicting zero', whatever the units."""
+    err, ref = squared_sums(pred, truth).tolist()
+    return err / max(ref, 1e-30)
+
+
+def train_sums(run):
+    """The forecast of this process's training windows from their LEARNED alpha_0 over the training
+    horizon, at the observed points, as squared_sums: the selection metric (no test data, no fit)."""
+    with torch.no_grad():
+        codes = rollout(run.model.dynamics, run.codes.codes[:, 0], run.t)       # (R, T_in, S, D)
+    return squared_sums(run.model.decode(run.points, codes), run.values)
+
+
+def choose_ridge(run):
+    """The ridge weight of the closed-form fit (one of RIDGES) whose alpha_0, fitted to frame 0 of
+    every training window and integrated, forecasts the training horizon best: chosen on training
+    data only, by the same metric that selects best.pt (README explains why a ridge is needed)."""
+    scores = []
+    for ridge in RIDGES:
+        alpha0 = fit_codes_closed_form(run.model.decoder, run.coords, run.values[:, 0], ridge=ridge).codes
+        with torch.no_grad():
+            pred = run.model.decode(run.points, rollout(run.model.dynamics, alpha0, run.t))
+        scores.append(squared_sums(pred, run.values))
+    err, ref = run.group.sum_(torch.stack(scores)).T                    # (len(RIDGES),) each
+    return RIDGES[int(torch.argmin(err / ref))]
+
+
+def test_metric(run):
+    """Relative MSE of the forecast of every test window from its frame 0 (observed points),
+    decoded on the full grid, In-t and Out-t: reported, never used for selection."""
+    test, observed = run.test, run.mask.flatten()
+    truth = test.frames.flatten(2, 3)                                   # (B, T, N, S)
+    points = test.coords.flatten(0, 1)                                  # (N, X)
+    pred = run.model.decode(points, run.model.forecast_codes(points[observed], truth[:, 0, observed], test.t))
+    n = test.n_in_t
+    return relative_mse(pred[:, :n], truth[:, :n]), relative_mse(pred[:, n:], truth[:, n:])
+
+
+def evaluate_and_save(run, progress, say, out, clock):
+    """The metrics, one log line, then last.pt (and best.pt when train In-t improved). A non-finite
+    loss or parameter stops the run (NonFiniteLoss) before anything is saved."""
+    cfg = run.cfg
+    state = [p.detach().sum() for p in run.model.parameters()] + [run.loss_sums.sum(), run.codes.weight.sum()]
+    if run.group.any(not torch.isfinite(torch.stack(state)).all()):
+        raise NonFiniteLoss(f"at epoch {progress.epoch}, iteration {progress.iteration}")
+    sums = run.group.sum_(torch.cat([run.loss_sums, train_sums(run)])).tolist()
+    if not all(map(math.isfinite, sums)):                           # e.g. a non-finite training value
+        raise NonFiniteLoss(f"losses and train metric {sums} at epoch {progress.epoch}, iteration {progress.iteration}")
+    entry = {"epoch": progress.epoch, "iteration": progress.iteration, "epsilon": epsilon(cfg, progress.iteration),
+             "loss_dec": sums[0] / max(progress.losses, 1), "loss_dyn": sums[1] / max(progress.losses, 1),
+             "train_in_t": sums[2] / max(sums[3], 1e-30), "test_in_t": None, "test_out_t": None}
+    if cfg.fit == "closed-form":
+        run.model.ridge.fill_(choose_ridge(run))
+        entry["ridge"] = run.model.ridge.item()
+    if run.group.rank == 0:
+        entry["test_in_t"], entry["test_out_t"] = test_metric(run)
+    run.loss_sums.zero_()
+    progress.losses = 0
+    entry["elapsed"] = progress.elapsed = clock.elapsed()
+    say(f"epoch {entry['epoch']} | iter {entry['iteration']} | eps {entry['epsilon']:.3f} | dec {entry['loss_dec']:.2e} | "
+        f"dyn {entry['loss_dyn']:.2e} | train In-t {entry['train_in_t']:.2e} | test In-t {entry['test_in_t'] or 0:.2e} "
+        f"Out-t {entry['test_out_t'] or 0:.2e}" + (f" | ridge {entry['ridge']:.0e}" if "ridge" in entry else "")
+        + f" | {hms(entry['elapsed'])} | ETA {hms(clock.eta(progress, cfg.epochs * run.iterations_per_epoch))}")
+    progress.history.append(entry)
+    improved = entry["train_in_t"] < progress.best_train
+    progress.best_train = min(progress.best_train, entry["train_in_t"])
+    save(run, progress, os.path.join(out, "last.pt"))
+    if improved:
+        save(run, progress, os.path.join(out, "best.pt"))
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class BadData(ValueError):
+    """The run's data or checkpoint was refused (raised before anything is written)."""
+
+
+# ---- data and set-up
+
+
+STEP_ELEMENTS = 2 ** 26  # (window, frame, point, channel) values per chunk of a training step: 256 MiB in float32
+
+
+@dataclass
+class Run:
+    """Everything a training run holds: this process's windows and codes, the model, its optimiser."""
+    cfg: Config
+    group: "Group"                  # this process among the torchrun processes (1 of 1 without torchrun)
+    model: DINo
+    optimiser: torch.optim.Adam     # two groups: decoder (lr_decoder), dynamics (lr_dynamics)
+    flat_grad: torch.Tensor         # every network gradient in one buffer (.grad are views of it)
+    codes: CodeTable                # alpha: this process's rows, one per (window, frame, channel)
+    generator: torch.Generator      # on the CPU: shuffles and restart draws, the same everywhere
+    n_windows: int                  # training windows, all processes
+    shard: tuple                    # (lo, hi): the windows this process owns
+    iterations_per_epoch: int       # minibatches per epoch (per process under the minibatch schedule)
+    values: torch.Tensor            # (R, T_in, N_obs, S): its windows inside the horizon, observed points
+    points: torch.Tensor            # (N_obs, X) physical positions of the observed points
+    coords: torch.Tensor            # (N_obs, X) the same, mapped for the decoder
+    t: torch.Tensor                 # (T_in,) frame times inside the horizon
+    mask: torch.Tensor              # (H, W) bool: the observed grid points
+    test: object                    # PDEData: the test split (report only)
+    chunk: int                      # windows per chunk of a training step (memory)
+    loss_sums: torch.Tensor         # (2,) weighted L_dec and L_dyn since the last evaluation
+
+
+def setup(cfg, *, device, data_dir):
+    group = Group(device)
+    train_set, test = load_data(cfg, device=device, data_dir=data_dir, group=group)
+    mask = observation_mask(train_set, cfg.subsampling, cfg.mask_seed)             # (H, W)
+    n_windows, n_in = len(train_set.frames), train_set.n_in_t
+    if group.world > n_windows:
+        raise BadData(f"{group.world} processes for {n_windows} training windows: each process needs at "
+                      f"least one; use at most {n_windows} processes")
+    shards = group.shards(n_windows)
+    lo, hi = shards[group.rank]
+    values = train_set.frames[lo:hi, :n_in].flatten(2, 3)[:, :, mask.flatten()]    # (R, T_in, N_obs, S)
+    points = train_set.coords.flatten(0, 1)[mask.flatten()]                         # (N_obs, X)
+    torch.manual_seed(cfg.seed)                                     # the same networks in every process
+    model = DINo(cfg, coord_dim=points.shape[-1], n_channels=values.shape[-1]).to(device)
+    params = list(model.parameters())
+    flat_grad = torch.zeros(sum(p.numel() for p in params), device=device)
+    for p, grad in zip(params, flat_grad.split([p.numel() for p in params])):
+        p.grad = grad.view_as(p)                                    # backward accumulates into the buffer
+    optimiser = torch.optim.Adam([{"params": model.decoder.parameters(), "lr": cfg.lr_decoder},
+                                  {"params": model.dynamics.parameters(), "lr": cfg.lr_dynamics}], fused=True)
+    per_process = max(b - a for a, b in shards) if cfg.schedule == "minibatch" else n_windows
+    return Run(cfg=cfg, group=group, model=model, optimiser=optimiser, flat_grad=flat_grad,
+               codes=CodeTable(hi - lo, n_in, values.shape[-1], cfg.code_dim, lr=cfg.lr_codes).to(device),
+               generator=torch.Generator().manual_seed(cfg.seed + 1), n_windows=n_windows, shard=(lo, hi),
+               iterations_per_epoch=-(-per_process // cfg.batch_size), values=values, points=points,
+               coords=model.map_coords(points), t=train_set.t[:n_in], mask=mask, test=test,
+               chunk=max(1, STEP_ELEMENTS // values[0].numel()), loss_sums=torch.zeros(2, device=device))
+
+
+def load_data(cfg, *, device, data_dir, group):
+    """(train, test) PDEData; under torchrun process 0 builds a missing cache, alone, first."""
+    def load(verbose):
+        return [load_dataset(cfg.pde, split, size=cfg.size, data_dir=data_dir, n_trajectories=n, device=device,
+                             verbose=verbose) for split, n in (("train", cfg.n_train), ("test", cfg.n_test))]
+    sets, error = None, None
+    if group.rank == 0:
         try:
-            changes[key] = types[key](text.strip())
-        except ValueError:
-            raise ValueError(f"--set {item!r}: {key} needs a {types[key].__name__}") from None
-    return replace(cfg, **changes)
-
-
-# ---- data: observed points, flattened fields
+            sets = load(verbose=True)
+        except (ValueError, OSError) as err:
+            error = err
+    if group.any(error is not None):                                # the others wait here, then read it
+        raise BadData(str(error) if error else "process 0 could not load the data (see its message)")
+    return sets or load(verbose=False)
 
 
 def observation_mask(data, rate, seed):
     """(H, W) bool: the points a run observes. The PDE's own mask (sphere: latitude thinning)
     AND, for rate < 1, a uniform random draw of that fraction of the grid (paper: 5/25/100%).
     Drawn on the CPU from its own generator so a seed gives the same mask on any device."""
+    if not 0 < rate <= 1:
+        raise ValueError(f"subsampling rate {rate} is outside (0, 1]")
     H, W = data.coords.shape[:2]
     mask = torch.ones(H, W, dtype=torch.bool)
     if data.mask is not None:
@@ -165,462 +512,267 @@ def observation_mask(data, rate, seed):
     return mask.to(data.coords.device)
 
 
-def flatten(frames):
-    """(windows, T, H, W, S) -> (windows, T, N, S): the model-side layout."""
-    return frames.flatten(2, 3)
+# ---- several processes (torchrun): shards of windows, summed gradients, agreed decisions
 
 
-# ---- model: decoder + dynamics + the coordinate map
+class Group:
+    """This process among the torchrun processes; rank 0 of 1, with no process group, otherwise."""
+
+    def __init__(self, device):
+        running = dist.is_available() and dist.is_initialized()
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if running else (0, 1)
+        self.device = device
+
+    def shards(self, n):
+        """[(lo, hi)] per process: contiguous blocks of the n windows, sizes differing by at most one."""
+        return [(r * n // self.world, (r + 1) * n // self.world) for r in range(self.world)]
+
+    def sum_(self, tensor):
+        """Sum over processes, in place (NCCL on CUDA, gloo on CPU)."""
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def any(self, flag):
+        """True in every process when `flag` is true in any (one small all-reduce)."""
+        if self.world == 1:
+            return bool(flag)
+        return bool(self.sum_(torch.tensor([float(flag)], device=self.device)).item())
+
+    def agree_stop(self, asked, out_of_time):
+        """None, or why every process stops now: a stop signal in any process, or the time budget."""
+        sig = max(asked, default=0)
+        if self.world > 1:                                          # a signal anywhere stops everyone
+            flags = torch.tensor([sig, int(out_of_time)], device=self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            sig, out_of_time = flags.tolist()
+        return signal.Signals(sig).name if sig else "minutes" if out_of_time else None
+
+    def gather_rows(self, tensor, n):
+        """(n, ...): every process's shard of rows, in window order (all processes take part)."""
+        if self.world == 1:
+            return tensor
+        shards = self.shards(n)
+        padded = tensor.new_zeros(max(b - a for a, b in shards), *tensor.shape[1:])
+        padded[:len(tensor)] = tensor
+        parts = [torch.empty_like(padded) for _ in shards]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:b - a] for part, (a, b) in zip(parts, shards)])
 
 
-class DINo(nn.Module):
-    """The two trained networks plus what is needed to use them on raw coordinates."""
-
-    def __init__(self, cfg, *, coord_dim, n_channels):
-        super().__init__()
-        self.decoder = Decoder(coord_dim=coord_dim, code_dim=cfg.code_dim, hidden=cfg.hidden,
-                               layers=cfg.layers, input_scale=cfg.input_scale)
-        self.dynamics = Dynamics(n_channels=n_channels, code_dim=cfg.code_dim, hidden=cfg.dyn_hidden)
-        self.coord_shift, self.coord_scale = cfg.coord_shift, cfg.coord_scale
-        self.fit_steps, self.fit_lr, self.hidden = cfg.fit_steps, cfg.fit_lr, cfg.hidden
-
-    def map_coords(self, coords):
-        """Physical positions (..., X) -> decoder inputs (the affine map of the config)."""
-        return (coords + self.coord_shift) * self.coord_scale
-
-    def decode(self, coords, codes, *, chunk_elements=2 ** 25):
-        """Decode codes (B, T, S, D) at mapped coords (N, X) without building a graph, in chunks of
-        windows so the (chunk, T, N, S, K) intermediates stay small -> (B, T, N, S)."""
-        per_window = codes.shape[1] * coords.shape[0] * codes.shape[2] * self.hidden
-        step = max(1, chunk_elements // max(per_window, 1))
-        with torch.no_grad():
-            return torch.cat([self.decoder(coords, codes[i:i + step]) for i in range(0, len(codes), step)])
+def start_processes(device):
+    """Under torchrun: join the process group (NCCL on CUDA, gloo on CPU), one GPU per process.
+    Returns this process's device; without torchrun, the device unchanged and no group."""
+    if "LOCAL_RANK" not in os.environ:
+        return device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device
 
 
-def forecast_codes(model, coords_obs, values_obs, t, *, steps=None, lr=None):
-    """DINo's inference (Alg. 1, bottom): fit alpha_0 to observed values (B, N, S) at mapped
-    coords (N, X) or (B, N, X), keep the best code per sample, integrate -> codes (B, T, S, D)."""
-    steps = model.fit_steps if steps is None else steps
-    lr = model.fit_lr if lr is None else lr
-    alpha0 = fit_codes(model.decoder, coords_obs, values_obs, steps=steps, lr=lr).codes   # decoder untouched
-    with torch.no_grad():
-        return rollout(model.dynamics, alpha0, t)
+# ---- checkpoints: complete, one file whatever the number of processes, any device, no code on load
+
+FORMAT = "dino-run/2"  # tag that tells our checkpoints from foreign files (2: per-row code Adam)
+KEYS = {"format", "config", "coord_dim", "n_channels", "mask", "world_size", "model", "codes", "optimiser",
+        "loss_sums", "progress"}
 
 
-def relative_mse(pred, truth, frames):
-    """MSE over the given frames / mean square of the truth there (1.0 = predicting zero)."""
-    err = (pred[:, frames] - truth[:, frames]).pow(2).mean()
-    return (err / truth[:, frames].pow(2).mean().clamp_min(1e-30)).item()
+def save(run, progress, path):
+    """Write a checkpoint from process 0 (every process sends its code rows), all-or-nothing."""
+    codes = {k: run.group.gather_rows(v, run.n_windows).cpu() for k, v in run.codes.state_dict().items()}
+    error = None
+    if run.group.rank == 0:
+        state = {"format": FORMAT, "config": asdict(run.cfg), "coord_dim": run.points.shape[-1],
+                 "n_channels": run.values.shape[-1], "mask": run.mask.cpu(), "world_size": run.group.world,
+                 "model": {k: v.cpu() for k, v in run.model.state_dict().items()}, "codes": codes,
+                 "optimiser": run.optimiser.state_dict(), "loss_sums": run.loss_sums.cpu(),
+                 "progress": {f.name: getattr(progress, f.name) for f in fields(progress)}}
+        try:
+            save_torch(path, state)
+        except OSError as err:
+            error = err
+    if run.group.any(error is not None):
+        raise error or OSError("process 0 could not write a checkpoint")
 
 
-# ---- one training iteration: the two problems of Eq. 5-6
-
-
-def decoder_loss(model, code_table, ids, values, coords_obs):
-    """L_dec on one minibatch: decode all (B, T) codes at the observed points in ONE call."""
-    codes = code_table(ids)                               # (B, T, S, D)
-    pred = model.decoder(coords_obs, codes)               # (B, T, N_obs, S)
-    return (pred - values).pow(2).mean(), codes
-
-
-def dynamics_loss(model, codes, t, epsilon, generator):
-    """L_dyn: integrate from the learned codes (detached: the dynamics fits the representation,
-    it does not shape it), restarting from the true code with probability epsilon."""
-    codes = codes.detach()                                # (B, T, S, D)
-    traj = rollout_with_restarts(model.dynamics, codes, t, epsilon, generator=generator)
-    return (traj - codes).pow(2).mean()
-
-
-# ---- checkpoints: atomic, complete (model, codes, optimisers, RNG, position)
-
-
-def save_checkpoint(path, state):
-    """Write to a temporary name in the same folder, then rename: a crash never leaves half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+def restore(run, state):
+    """Continue from a checkpoint: this process's rows of the code table, the rest whole."""
+    lo, hi = run.shard
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        run.model.load_state_dict(state["model"])
+        run.codes.load_state_dict({k: v[lo:hi] for k, v in state["codes"].items()})
+        run.optimiser.load_state_dict(state["optimiser"])
+        run.loss_sums.copy_(state["loss_sums"])
+        progress = Progress(**state["progress"])
+    except (RuntimeError, KeyError, TypeError, ValueError) as err:
+        raise BadData(f"the checkpoint does not fit this run ({type(err).__name__}: "
+                      f"{str(err).splitlines()[0]})") from None
+    if progress.step and state["world_size"] != run.group.world:
+        raise BadData(f"the checkpoint stopped inside an epoch of the minibatch schedule, with "
+                      f"{state['world_size']} process(es): resume it with as many")
+    return progress
 
 
 def load_checkpoint(path):
-    """Load one of our checkpoints (on the CPU: RNG states must stay there; the model moves to its
-    device when loaded); ValueError naming the path for a missing or foreign file."""
+    """One of our checkpoints, as a dict on the CPU. Loaded with weights_only=True: tensors and
+    plain values only, so a crafted file cannot run code. ValueError naming the path otherwise."""
     if os.path.isdir(path):
         path = os.path.join(path, "best.pt")
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path!r} does not exist (give a run folder or a .pt file written by train.py)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a file torch cannot read at all
-        raise ValueError(f"checkpoint {path!r} is not a train.py checkpoint ({type(err).__name__})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {path!r} is not a train.py checkpoint (no {CHECKPOINT_FORMAT!r} tag)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        with open(path, "rb") as f:
+            torch_file = f.read(4) == b"PK\x03\x04"                 # torch.save writes a zip archive
+        if torch_file and "Weights only load failed" in str(err):
+            raise ValueError(f"checkpoint {path!r} holds objects other than tensors and plain values: "
+                             f"refused, loading it could run code") from None
+        raise ValueError(f"checkpoint {path!r} " + ("is damaged: truncated or corrupted" if torch_file else
+                                                    "is not a train.py checkpoint") + f" ({type(err).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {path!r} is not a train.py checkpoint (no {FORMAT!r} tag)")
+    if KEYS - state.keys():
+        raise ValueError(f"checkpoint {path!r} lacks {', '.join(sorted(KEYS - state.keys()))}: damaged, "
+                         f"or written by another version")
     return state
 
 
 def model_from_checkpoint(state, device="cpu"):
-    """Rebuild DINo (decoder, dynamics, coordinate map) from a checkpoint dict."""
-    cfg = Config(**state["config"])
-    model = DINo(cfg, coord_dim=state["coord_dim"], n_channels=state["n_channels"]).to(device)
-    model.load_state_dict(state["model"])
+    """(DINo, Config) from a checkpoint dict, ready to forecast on `device`."""
+    try:
+        cfg = Config(**state["config"])
+        model = DINo(cfg, coord_dim=state["coord_dim"], n_channels=state["n_channels"]).to(device)
+        model.load_state_dict(state["model"])
+    except (TypeError, RuntimeError, ValueError) as err:
+        raise ValueError(f"the checkpoint's model does not load ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0]})") from None
     return model.eval(), cfg
 
 
-def rng_state(generators):
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            **{name: g.get_state() for name, g in generators.items()}}
+# ---- signals, time and the log
 
 
-def set_rng_state(saved, generators):
-    torch.set_rng_state(saved["torch"])
-    np.random.set_state(saved["numpy"])
-    random.setstate(saved["python"])
-    if saved["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["cuda"])
-    for name, g in generators.items():
-        g.set_state(saved[name])
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-# ---- evaluation during training: train (selection) and test (report only)
-
-
-def evaluate_train(model, code_table, values, coords_obs, t):
-    """Relative MSE of the forecast from the LEARNED alpha_0 over the training frames, at the
-    observed points: the selection metric (it needs no test data and no code fitting)."""
-    with torch.no_grad():
-        alpha0 = code_table(torch.arange(len(values), device=values.device))[:, 0]   # (W, S, D)
-        codes = rollout(model.dynamics, alpha0, t)                      # (W, T_in, S, D)
-    pred = model.decode(coords_obs, codes)                              # (W, T_in, N_obs, S)
-    return relative_mse(pred, values, slice(None))
-
-
-def evaluate_test(model, test, observed, n_in_t):
-    """Fit frame-0 codes of every test window on the observed points, integrate over all frames,
-    decode on the full grid: relative MSE over In-t and Out-t (reported, never selected on)."""
-    truth = flatten(test.frames)                                        # (B, T, N, S)
-    coords = model.map_coords(test.coords.flatten(0, 1))                # (N, X)
-    codes = forecast_codes(model, coords[observed], truth[:, 0][:, observed], test.t)
-    pred = model.decode(coords, codes)                                  # (B, T, N, S)
-    return {"in_t": relative_mse(pred, truth, slice(0, n_in_t)),
-            "out_t": relative_mse(pred, truth, slice(n_in_t, None))}
-
-
-# ---- the training loop
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-class BadData(ValueError):
-    """load_dataset refused the config's data settings (raised before anything is written)."""
-
-
-@dataclass
-class Setup:
-    """Everything a run builds once: data on the device, networks, codes, optimisers, RNGs."""
-    cfg: Config
-    train_set: object          # PDEData, training split
-    test_set: object           # PDEData, test split (report only)
-    observed: torch.Tensor     # (N,) bool: observed grid points
-    values: torch.Tensor       # (W, T_in, N_obs, S): training frames inside the horizon, observed points
-    coords_obs: torch.Tensor   # (N_obs, X) mapped coordinates of the observed points
-    t_in: torch.Tensor         # (T_in,) frame times inside the horizon
-    model: DINo
-    code_table: CodeTable      # alpha, one code per (window, frame, channel)
-    optimisers: dict           # 'decoder' | 'codes' | 'dynamics' -> Adam
-    generators: dict           # 'shuffle' (CPU) | 'restart' (device) -> torch.Generator
-    n_batches: int             # minibatches per epoch
-
-
-def build(cfg, *, device, data_dir):
-    train_set = load_dataset(cfg.pde, "train", size=cfg.size, data_dir=data_dir, n_trajectories=cfg.n_train,
-                             device=device)
-    test_set = load_dataset(cfg.pde, "test", size=cfg.size, data_dir=data_dir, n_trajectories=cfg.n_test,
-                            device=device)
-    n_in = train_set.n_in_t
-    observed = observation_mask(train_set, cfg.subsampling, cfg.mask_seed).flatten()    # (N,)
-    values = flatten(train_set.frames[:, :n_in])[:, :, observed]                        # (W, T_in, N_obs, S)
-    n_windows, _, _, n_channels = values.shape
-    torch.manual_seed(cfg.seed)
-    model = DINo(cfg, coord_dim=train_set.coords.shape[-1], n_channels=n_channels).to(device)
-    # sparse lookups + SparseAdam: a minibatch's step moves only its own rows, as the official code
-    # (one parameter per sequence; Adam skips those without a gradient)
-    code_table = CodeTable(n_windows, n_in, n_channels, cfg.code_dim, sparse=True).to(device)
-    return Setup(
-        cfg=cfg, train_set=train_set, test_set=test_set, observed=observed, values=values,
-        coords_obs=model.map_coords(train_set.coords.flatten(0, 1)[observed]), t_in=train_set.t[:n_in],
-        model=model, code_table=code_table,
-        optimisers={"decoder": torch.optim.Adam(model.decoder.parameters(), lr=cfg.lr_decoder),
-                    "codes": code_table.optimizer(lr=cfg.lr_codes),
-                    "dynamics": torch.optim.Adam(model.dynamics.parameters(), lr=cfg.lr_dynamics)},
-        generators={"shuffle": torch.Generator().manual_seed(cfg.seed + 1),
-                    "restart": torch.Generator(device=device).manual_seed(cfg.seed + 2)},
-        n_batches=math.ceil(n_windows / cfg.batch_size))
-
-
-def new_progress():
-    """The loop's position and record: all of it goes into the checkpoint."""
-    return {"epoch": 0, "position": 0, "perm": None, "iteration": 0, "elapsed": 0.0, "best_train": math.inf,
-            "history": [], "sums": {"dec": 0.0, "dyn": 0.0, "n": 0}}
-
-
-def minibatch_step(s, ids, epsilon_now, *, step_networks):
-    """One minibatch of Alg. 1: codes step now; decoder and dynamics only if `step_networks`
-    (otherwise their gradients keep summing until the end of the epoch)."""
-    loss_dec, codes = decoder_loss(s.model, s.code_table, ids, s.values[ids], s.coords_obs)
-    loss_dyn = dynamics_loss(s.model, codes, s.t_in, epsilon_now, s.generators["restart"])
-    if not (torch.isfinite(loss_dec) and torch.isfinite(loss_dyn)):
-        raise NonFiniteLoss(f"decoder loss {loss_dec.item()}, dynamics loss {loss_dyn.item()}")
-    (loss_dec + loss_dyn).backward()       # two separate graphs: the codes were detached for L_dyn
-    s.optimisers["codes"].step()           # codes: every minibatch
-    s.optimisers["codes"].zero_grad()
-    if step_networks:
-        for name in ("decoder", "dynamics"):
-            s.optimisers[name].step()
-            s.optimisers[name].zero_grad()
-    return loss_dec.item(), loss_dyn.item()
-
-
-def checkpoint_state(s, progress):
-    return {"format": CHECKPOINT_FORMAT, "config": asdict(s.cfg), "coord_dim": s.train_set.coords.shape[-1],
-            "n_channels": s.values.shape[-1], "n_in_t": len(s.t_in),
-            "mask": s.observed.view(s.train_set.coords.shape[:2]).cpu(),
-            "model": s.model.state_dict(), "codes": s.code_table.state_dict(),
-            "optimisers": {name: opt.state_dict() for name, opt in s.optimisers.items()},
-            "grads": [None if p.grad is None else p.grad.detach().cpu() for p in trained_parameters(s.model)],
-            "epsilon": epsilon(s.cfg, progress["iteration"]), "rng": rng_state(s.generators), **progress}
-
-
-def restore(s, state):
-    """Load a checkpoint into a fresh Setup; returns its progress dict."""
-    s.model.load_state_dict(state["model"])
-    s.code_table.load_state_dict(state["codes"])
-    for name, opt in s.optimisers.items():
-        opt.load_state_dict(state["optimisers"][name])
-    device = s.values.device
-    for p, g in zip(trained_parameters(s.model), state["grads"]):   # summed so far in this epoch
-        p.grad = None if g is None else g.to(device)
-    set_rng_state(state["rng"], s.generators)
-    return {key: state[key] for key in new_progress()}
-
-
-def evaluate_now(s, progress):
-    """Train In-t (selection) and test In-t / Out-t (report), as a history entry."""
-    n_in = len(s.t_in)
-    train_rel = evaluate_train(s.model, s.code_table, s.values, s.coords_obs, s.t_in)
-    test_rel = evaluate_test(s.model, s.test_set, s.observed, n_in)
-    sums = progress["sums"]
-    return {"epoch": progress["epoch"], "iteration": progress["iteration"],
-            "epsilon": epsilon(s.cfg, progress["iteration"]),
-            "loss_dec": sums["dec"] / max(sums["n"], 1), "loss_dyn": sums["dyn"] / max(sums["n"], 1),
-            "train_in_t": train_rel, "test_in_t": test_rel["in_t"], "test_out_t": test_rel["out_t"]}
-
-
-@dataclass
-class TrainResult:
-    out: str            # run folder (last.pt, best.pt, log.txt)
-    epoch: int          # epochs completed
-    iteration: int      # minibatches done
-    stopped: str        # 'epochs' | 'minutes' | 'interrupted'
-    best_train: float   # best train In-t relative MSE (selects best.pt)
-    history: list       # one dict per evaluation
-
-
-def train(cfg, *, out, device="cpu", epochs=None, minutes=None, resume=None, data_dir="data", log=print):
-    """Train DINo with `cfg` into folder `out`; `resume`: a checkpoint dict to continue exactly."""
-    check_config(cfg)
-    epochs = cfg.epochs if epochs is None else epochs
+@contextlib.contextmanager
+def stop_requests():
+    """Ctrl-C, SIGTERM (sent by Slurm, docker, systemd, timeout) and SIGHUP ask the loop to stop
+    after the current step: the yielded list collects their numbers. Installed in the main thread
+    only (Python delivers signals there); the previous handlers come back afterwards."""
+    asked = []
+    if threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: asked.append(signum)) for s in STOP_SIGNALS}
     try:
-        s = build(cfg, device=device, data_dir=data_dir)
-    except ValueError as err:
-        raise BadData(str(err)) from None
-    progress = new_progress() if resume is None else restore(s, resume)
-    os.makedirs(out, exist_ok=True)
-    log_file = open(os.path.join(out, "log.txt"), "a")
-
-    def say(line):
-        log(line)
-        log_file.write(line + "\n")
-        log_file.flush()
-
-    def save(name):
-        save_checkpoint(os.path.join(out, name), checkpoint_state(s, progress))
-
-    n_windows = len(s.values)
-    say(f"{cfg.pde} | {n_windows} train windows x {len(s.t_in)} frames, {s.observed.sum().item()}/"
-        f"{s.observed.numel()} points observed | {len(s.test_set.frames)} test windows | decoder "
-        f"{count(s.model.decoder):,} + dynamics {count(s.model.dynamics):,} parameters | {s.n_batches} "
-        f"minibatches/epoch | schedule {cfg.schedule} | {device}")
-    say("metrics: relative MSE (MSE / mean square of truth); train In-t selects best.pt, test is reported only")
-    # Ctrl-C: finish the minibatch, save, stop (a second Ctrl-C aborts at once)
-    stop = {"signal": False}
-    previous_handler = signal.getsignal(signal.SIGINT)
-
-    def on_interrupt(signum, frame):
-        stop["signal"] = True
-        signal.signal(signal.SIGINT, previous_handler)
-
-    in_main_thread = threading.current_thread() is threading.main_thread()   # signals live there only
-    if in_main_thread:
-        signal.signal(signal.SIGINT, on_interrupt)
-    start, first_iteration, elapsed_before = time.time(), progress["iteration"], progress["elapsed"]
-
-    def evaluate_and_save():
-        entry = evaluate_now(s, progress)
-        session = time.time() - start
-        progress["elapsed"] = entry["elapsed"] = elapsed_before + session
-        eta = session / max(progress["iteration"] - first_iteration, 1) * (epochs * s.n_batches - progress["iteration"])
-        if minutes is not None:
-            eta = min(eta, minutes * 60 - session)
-        say(f"epoch {entry['epoch']} | iter {entry['iteration']} | eps {entry['epsilon']:.3f} | "
-            f"dec {entry['loss_dec']:.2e} | dyn {entry['loss_dyn']:.2e} | train In-t {entry['train_in_t']:.2e} | "
-            f"test In-t {entry['test_in_t']:.2e} Out-t {entry['test_out_t']:.2e} | "
-            f"{clock(entry['elapsed'])} | ETA {clock(eta)}")
-        if not math.isfinite(entry["train_in_t"]):
-            raise NonFiniteLoss(f"train metric {entry['train_in_t']} at iteration {progress['iteration']}")
-        progress["history"].append(entry)
-        progress["sums"] = {"dec": 0.0, "dyn": 0.0, "n": 0}
-        improved = entry["train_in_t"] < progress["best_train"]
-        progress["best_train"] = min(entry["train_in_t"], progress["best_train"])
-        save("last.pt")
-        if improved:
-            save("best.pt")
-
-    stopped = "epochs"
-    try:
-        while progress["epoch"] < epochs:
-            if progress["position"] == 0:
-                progress["perm"] = torch.randperm(n_windows, generator=s.generators["shuffle"])
-            b = progress["position"] * cfg.batch_size
-            ids = progress["perm"][b:b + cfg.batch_size].to(device)
-            last_of_epoch = progress["position"] + 1 == s.n_batches
-            try:
-                loss_dec, loss_dyn = minibatch_step(s, ids, epsilon(cfg, progress["iteration"]),
-                                                    step_networks=cfg.schedule == "minibatch" or last_of_epoch)
-            except NonFiniteLoss as err:
-                raise NonFiniteLoss(f"{err} at epoch {progress['epoch']}, iteration {progress['iteration']}")
-            progress["iteration"] += 1
-            progress["position"] = 0 if last_of_epoch else progress["position"] + 1
-            progress["epoch"] += last_of_epoch
-            sums = progress["sums"]
-            sums["dec"], sums["dyn"], sums["n"] = sums["dec"] + loss_dec, sums["dyn"] + loss_dyn, sums["n"] + 1
-            if stop["signal"]:
-                stopped = "interrupted"
-                break
-            if minutes is not None and time.time() - start >= minutes * 60:
-                stopped = "minutes"
-                break
-            if progress["iteration"] % cfg.eval_every == 0:
-                evaluate_and_save()
-        if stopped == "interrupted":
-            progress["elapsed"] = elapsed_before + time.time() - start
-            save("last.pt")
-            say(f"interrupted at epoch {progress['epoch']}, iteration {progress['iteration']}: saved {out}/last.pt;"
-                f" continue with: python train.py --out {out} --resume")
-        elif not progress["history"] or progress["history"][-1]["iteration"] != progress["iteration"]:
-            evaluate_and_save()
+        yield asked
     finally:
-        if in_main_thread:
-            signal.signal(signal.SIGINT, previous_handler)
-        log_file.close()
-    return TrainResult(out=out, epoch=progress["epoch"], iteration=progress["iteration"], stopped=stopped,
-                       best_train=progress["best_train"], history=progress["history"])
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
-def clock(seconds):
+class Clock:
+    """This session's wall time: the --minutes budget, the first step's duration, the ETA."""
+
+    def __init__(self, progress, minutes, device):
+        self.start, self.before, self.minutes, self.device = time.time(), progress.elapsed, minutes, device
+        self.first_iteration, self.steps, self.first_step = progress.iteration, 0, None
+
+    def tick(self):
+        """Count a step; True after the first one (timed: a GPU is waited for, this once)."""
+        self.steps += 1
+        if self.steps == 1:
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize(self.device)
+            self.first_step = time.time() - self.start
+        return self.steps == 1
+
+    def session(self):
+        return time.time() - self.start
+
+    def elapsed(self):
+        return self.before + self.session()
+
+    def out_of_time(self):
+        return self.minutes is not None and self.session() >= 60 * self.minutes
+
+    def eta(self, progress, total_iterations):
+        rate = self.session() / max(progress.iteration - self.first_iteration, 1)
+        eta = rate * (total_iterations - progress.iteration)
+        return eta if self.minutes is None else min(eta, 60 * self.minutes - self.session())
+
+
+def summary(run, label, clock, progress):
+    """The first log line: what is trained, where, and how long it will take."""
+    cfg, n_obs = run.cfg, int(run.mask.sum())
+    per_process = " per process" if run.group.world > 1 else ""
+    epoch = clock.first_step * (1 if cfg.schedule == "epoch" else run.iterations_per_epoch)
+    remaining = (cfg.epochs - progress.epoch) * epoch
+    return (f"{cfg.pde} | {label or 'config given'} | {cfg.epochs} epochs of {run.n_windows} windows x {len(run.t)} "
+            f"frames, {n_obs}/{run.mask.numel()} points observed | decoder {count(run.model.decoder):,} + dynamics "
+            f"{count(run.model.dynamics):,} parameters | schedule {cfg.schedule}, minibatch {cfg.batch_size}"
+            f"{per_process} | {run.group.world} process(es) on {run.group.device} | first step {clock.first_step:.2f} s:"
+            f" about {hms(remaining)} of training to go (evaluations add some)\n"
+            f"metrics: relative MSE (MSE / mean square of truth); train In-t selects best.pt, test is reported only")
+
+
+def hms(seconds):
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def trained_parameters(model):
-    return list(model.decoder.parameters()) + list(model.dynamics.parameters())
 
 
 def count(module):
     return sum(p.numel() for p in module.parameters())
 
 
-def epsilon(cfg, iteration):
-    return epsilon_schedule(iteration, start=cfg.eps_start, decay=cfg.eps_decay, every=cfg.eps_every,
-                            floor=cfg.eps_floor)
+class Log:
+    """Lines to the console and to OUT/log.txt; silent in processes other than 0."""
+
+    def __init__(self, out, echo):
+        self.path, self.echo = os.path.join(out, "log.txt"), echo
+
+    def __call__(self, text):
+        if self.echo is None:
+            return
+        self.echo(text)
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(text + "\n")
+        except OSError as err:
+            raise OSError(f"cannot write {self.path}: {err.strerror or err}") from None
 
 
 # ---- command line
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit status 2
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def rate(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"rate {text!r} is not a number; allowed: (0, 1], e.g. 0.05, 0.25, 1")
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"rate {value} is outside (0, 1]; e.g. 0.05, 0.25, 1")
-    return value
-
-
-def resolve_device(name):
-    """'auto' -> cuda if present, else cpu; ValueError for a device this machine does not have."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device; allowed: auto, cpu, cuda, cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r}: no CUDA device is available here; allowed: auto, cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r} is not supported; allowed: auto, cpu, cuda, cuda:N")
-    return str(device)
-
-
-def check_writable(out):
-    """ValueError unless a run can be written in folder `out` (probed by a real write; creates nothing)."""
-    existing = os.path.abspath(out)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"--out {out!r} cannot be created: {existing!r} is a file, not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=".probe-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as err:
-        raise ValueError(f"--out {out!r} is not writable ({err.strerror} in {existing!r})") from None
+FLAGS = ("subsampling", "mask_seed", "schedule", "seed", "epochs")   # config fields with their own flag
 
 
 def parser():
-    p = Parser(prog="train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-               description="Train DINo (decoder, codes and latent dynamics) on one PDE.\n"
-                           + __doc__[__doc__.index("Usage:"):__doc__.index("Every `eval_every`")].rstrip(),
-               epilog="config fields for --set (see the Config table in train.py): "
-                      + ", ".join(f.name for f in fields(Config) if f.name != "pde"))
-    p.add_argument("--pde", choices=PDES, help="which dataset (required unless --resume)")
-    p.add_argument("--preset", choices=PRESETS, default=None,
-                   help="'paper': the official sizes and schedule (for a GPU); 'quick': small grid and nets, "
-                        "6-7 minutes on one CPU core (default: paper)")
+    p = argparse.ArgumentParser(prog="train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Train DINo (decoder, codes and latent dynamics) on one PDE.\n"
+                                            + __doc__[__doc__.index("Usage:"):].rstrip(),
+                                epilog="config fields for --set (the Config table in train.py): "
+                                       + ", ".join(f.name for f in fields(Config) if f.name not in FLAGS + ("pde",)))
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n" if RANK == 0 else "")
+    p.add_argument("--pde", choices=SPECS, help="which dataset (required unless --resume)")
+    p.add_argument("--preset", choices=PRESETS, help="'paper': the official sizes and schedule (hours on a GPU); "
+                   "'quick': small grid and nets, 5-7 minutes on one CPU core (default: paper on CUDA, else quick)")
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--subsampling", type=rate, metavar="RATE",
-                   help="fraction of grid points observed, in (0, 1] (paper: 0.05, 0.25, 1); a random mask "
-                        "drawn with --mask-seed; the sphere always uses its latitude-thinning mask as well")
+    p.add_argument("--subsampling", type=float, metavar="RATE",
+                   help="fraction of grid points observed, in (0, 1] (paper: 0.05, 0.25, 1); a random mask drawn "
+                        "with --mask-seed; the sphere always uses its latitude-thinning mask as well")
     p.add_argument("--mask-seed", type=int, help="seed of the observation mask (default 0)")
+    p.add_argument("--schedule", choices=SCHEDULES, help="'epoch': decoder and dynamics step once per epoch "
+                   "(paper); 'minibatch': every minibatch (default: the preset's)")
+    p.add_argument("--seed", type=int, help="seed of initialisation, shuffling and restarts (default 0)")
     p.add_argument("--epochs", type=int, help="train until this many epochs in total (default: the preset's)")
     p.add_argument("--minutes", type=float, help="stop after this many minutes of this session (checkpointed)")
-    p.add_argument("--schedule", choices=SCHEDULES,
-                   help="'epoch': decoder and dynamics step once per epoch on summed gradients (paper); "
-                        "'minibatch': every minibatch (default: the preset's)")
-    p.add_argument("--seed", type=int, help="seed of initialisation, shuffling and restarts (default 0)")
     p.add_argument("--out", help="run folder (default runs/PDE-PRESET); holds last.pt, best.pt, log.txt")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--data-dir", default="data", help="dataset cache folder (default: data)")
@@ -631,59 +783,87 @@ def parser():
     return p
 
 
+RANK = int(os.environ.get("RANK", 0))   # under torchrun only process 0 prints
+
+
+def override(cfg, assignments):
+    """Apply `key=value` strings, typed by the Config field; unknown keys are errors."""
+    types = typing.get_type_hints(Config)
+    allowed = [k for k in types if k not in FLAGS + ("pde",)]
+    changes = {}
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key not in allowed:
+            flag = f" (use --{key.replace('_', '-')})" if key in FLAGS else ""
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of: {', '.join(allowed)}{flag}")
+        try:
+            changes[key] = types[key](text.strip())
+        except ValueError:
+            raise ValueError(f"--set {item!r}: {key} needs a {types[key].__name__}") from None
+    return replace(cfg, **changes)
+
+
 def resolve(args):
-    """The run's (config, resume checkpoint or None, out folder, device) or ValueError."""
+    """The run's (config, checkpoint to resume or None, out folder, device, label) or ValueError."""
     device = resolve_device(args.device)
-    given = {"subsampling": args.subsampling, "mask_seed": args.mask_seed, "schedule": args.schedule,
-             "seed": args.seed}
+    flags = {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}
+    if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes >= 0):
+        raise ValueError(f"--minutes {args.minutes} must be a finite number >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads} must be at least 1")
     if args.resume:
         if args.out is None:
             raise ValueError("--resume needs --out RUN_FOLDER (the run to continue)")
         state = load_checkpoint(os.path.join(args.out, "last.pt"))
-        cfg = Config(**state["config"])
-        changed = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is not None and v != getattr(cfg, k)]
-        if args.pde not in (None, cfg.pde) or args.preset or args.set or changed:
-            raise ValueError(f"--resume continues {args.out!r} with its own settings ({cfg.pde}); "
-                             f"only --epochs, --minutes, --device, --threads and --data-dir may be given")
+        cfg = replace(Config(**state["config"]), **flags)
+        if args.pde not in (None, cfg.pde) or args.preset or args.set or set(flags) - {"epochs"}:
+            raise ValueError(f"--resume continues {args.out!r} with its own settings ({cfg.pde}); only "
+                             f"--epochs, --minutes, --device, --threads and --data-dir may be given")
+        done = state["progress"]["epoch"]
+        if cfg.epochs <= done:
+            raise ValueError(f"--epochs {cfg.epochs}: the run in {args.out!r} is already at epoch {done}; "
+                             f"give a larger --epochs to continue it")
+        check_config(cfg)
         check_writable(args.out)
-        return cfg, state, args.out, device
+        return cfg, state, args.out, device, f"resumed at epoch {done}"
     if args.pde is None:
-        raise ValueError(f"--pde is required; allowed: {', '.join(PDES)}")
-    preset = args.preset or "paper"
-    cfg = override(CONFIGS[(args.pde, preset)], args.set)
-    cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None})
+        raise ValueError(f"--pde is required; allowed: {', '.join(SPECS)}")
+    preset = args.preset or ("paper" if device.startswith("cuda") else "quick")
+    label = f"preset {preset}" + ("" if args.preset else f" (the default on {device.split(':')[0].upper()}"
+                                  f"; --preset {'quick' if preset == 'paper' else 'paper'} for the other)")
+    cfg = replace(override(CONFIGS[(args.pde, preset)], args.set), **flags)
     check_config(cfg)
     out = args.out or os.path.join("runs", f"{cfg.pde}-{preset}")
     if os.path.exists(os.path.join(out, "last.pt")):
         raise ValueError(f"--out {out!r} already holds a run (last.pt); pass --resume to continue it "
                          f"or choose another --out")
     check_writable(out)
-    return cfg, None, out, device
+    return cfg, None, out, device, label
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    for name in ("epochs", "minutes"):
-        value = getattr(args, name)
-        if value is not None and value < 0:
-            parser().error(f"--{name} {value} must not be negative")
-    if args.threads is not None:
-        if args.threads < 1:
-            parser().error(f"--threads {args.threads} must be at least 1")
-        torch.set_num_threads(args.threads)
     try:
-        cfg, state, out, device = resolve(args)
+        cfg, state, out, device, label = resolve(args)
     except ValueError as err:
         parser().error(str(err))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:
-        return train(cfg, out=out, device=device, epochs=args.epochs, minutes=args.minutes, resume=state,
-                     data_dir=args.data_dir)
+        return train(cfg, out=out, device=start_processes(device), minutes=args.minutes, resume=state,
+                     data_dir=args.data_dir, label=label)
     except BadData as err:
         parser().error(str(err))
-    except NonFiniteLoss as err:
-        print(f"train.py: stopped: non-finite loss ({err}); the last good checkpoint is {out}/last.pt "
-              f"(if any). Try a smaller learning rate (--set lr_decoder=...).", file=sys.stderr)
+    except (NonFiniteLoss, OSError) as err:
+        why = f"non-finite loss or parameters ({err}); try a smaller learning rate (--set lr_decoder=...)" \
+            if isinstance(err, NonFiniteLoss) else str(err)
+        if RANK == 0:
+            print(f"train.py: stopped: {why}. The last good checkpoint, if any, is {out}/last.pt", file=sys.stderr)
         raise SystemExit(1)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
