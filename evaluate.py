@@ -239,8 +239,10 @@ def save_gif(path, truth, pred, t, n_in_t, title):
         return [image for image, *_ in images] + [heading, cursor]
 
     animation = FuncAnimation(fig, draw, frames=len(t), blit=False)
-    write_atomic(path, lambda tmp: animation.save(tmp, writer=PillowWriter(fps=4), dpi=72))
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda tmp: animation.save(tmp, writer=PillowWriter(fps=4), dpi=72))
+    finally:
+        plt.close(fig)
 
 
 def save_error_plot(path, t, curves, n_in_t, title):
@@ -258,8 +260,10 @@ def save_error_plot(path, t, curves, n_in_t, title):
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=90))
-    plt.close(fig)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=90))
+    finally:
+        plt.close(fig)
 
 
 def draw(out, cfg, test, pred, n_in, observed):

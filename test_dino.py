@@ -997,6 +997,7 @@ def test_observation_mask_rate_and_seed(data_dir):
     (["--pde", "heat", "--set", "input_scale=inf"], "input_scale = inf must be a finite number"),
     (["--pde", "heat", "--set", "hidden=7"], "hidden = 7 is not allowed; allowed: even"),
     (["--pde", "heat", "--minutes", "nan"], "--minutes nan must be a finite number"),
+    (["--pde", "heat", "--set", "size=100000", "--data-dir", "unused"], "needs about"),
 ])
 def test_train_bad_input_exits_2_with_one_line(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -1056,6 +1057,180 @@ def test_cli_exit_status_from_the_shell(tmp_path):
     for proc, message in zip(runs, ("invalid choice: 'burgers'", "does not exist")):
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 2 and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_save_and_say_how_to_resume(sig, tmp_path, data_dir):
+    # As Slurm, docker, systemd or `timeout` stop a job: the step finishes, last.pt is saved, exit 0.
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", *tiny_argv(out, data_dir, "--epochs", "100000", every=4)],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    wait_for(out / "log.txt", "| iter 8 |", proc)
+    proc.send_signal(sig)
+    code, printed = finished(proc, timeout=60)
+    assert code == 0 and f"stopped by {sig.name}" in printed and "--resume" in printed, printed
+    state = train_py.load_checkpoint(str(out / "last.pt"))
+    assert state["progress"]["iteration"] >= 8
+    assert train_py.main(["--out", str(out), "--resume", "--data-dir", data_dir, "--epochs",
+                          str(state["progress"]["epoch"] + 1)]).epoch == state["progress"]["epoch"] + 1
+
+
+def test_a_failed_checkpoint_write_stops_with_one_line_and_keeps_the_previous(tmp_path, data_dir, monkeypatch,
+                                                                             capsys):
+    out = tmp_path / "run"
+    train_py.main(tiny_argv(out, data_dir, "--epochs", "2"))
+    good = (out / "last.pt").read_bytes()
+    real = solvers.write_atomic
+
+    def full_disk(path, write):                                       # the disk fills up after the temp file
+        def partial(tmp):
+            write(tmp)
+            raise OSError(28, "No space left on device")
+        real(path, partial)
+    monkeypatch.setattr(solvers, "write_atomic", full_disk)
+    with pytest.raises(SystemExit) as stop:
+        train_py.main(["--out", str(out), "--resume", "--data-dir", data_dir, "--epochs", "4"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and err.count("\n") == 1 and "cannot write" in err and "No space left" in err, err
+    assert (out / "last.pt").read_bytes() == good and not [f for f in os.listdir(out) if ".tmp-" in f]
+
+
+def test_leftovers_of_a_killed_writer_are_removed_by_the_next_write(tmp_path, data_dir):
+    out = tmp_path / "run"
+    train_py.main(tiny_argv(out, data_dir, "--epochs", "2"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()                                                       # a process id that no longer runs
+    (out / f"last.tmp-{dead.pid}.pt").write_bytes(b"half a checkpoint")
+    (out / f"last.tmp-{os.getppid()}.pt").write_bytes(b"a live writer's file")   # a live process's: kept
+    train_py.main(["--out", str(out), "--resume", "--data-dir", data_dir, "--epochs", "4"])
+    left = sorted(f for f in os.listdir(out) if ".tmp-" in f)
+    assert left == [f"last.tmp-{os.getppid()}.pt"]
+
+
+def test_full_or_read_only_data_folder_gives_one_line_and_leaves_nothing(tmp_path):
+    def limited():                                                    # a 2 MiB disk, as far as this process sees
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2 * 2 ** 20, 2 * 2 ** 20))
+    d = tmp_path / "data"
+    run = subprocess.run([sys.executable, "solvers.py", "heat", "--split", "test", "--data-dir", str(d)], cwd=HERE,
+                         capture_output=True, text=True, preexec_fn=limited, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 2 and "cannot write" in run.stderr and run.stderr.count("\n") == 1, run.stderr
+    assert os.listdir(d) == []                                        # no partial file, no temporary
+    (tmp_path / "file").write_text("x")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    cases = [(str(tmp_path / "file"), "is a file, not a folder")]
+    if os.geteuid() != 0:                                             # root writes anywhere
+        cases.append((str(read_only), "is not writable"))
+    for folder, message in cases:
+        with pytest.raises(ValueError, match=message):
+            solvers.load_dataset("heat", "test", data_dir=folder, n_trajectories=1, verbose=False)
+    with pytest.raises(ValueError, match="n_trajectories must be a whole number, got 1.9"):
+        solvers.load_dataset("heat", "test", data_dir=str(d), n_trajectories=1.9)
+    with pytest.raises(ValueError, match="needs about .* GiB of memory"):
+        solvers.load_dataset("heat", "test", data_dir=str(d), size=100_000)
+
+
+# ---- train: several processes (torchrun, gloo on the CPU)
+
+
+def torchrun(argv, *, nproc=2, **popen):
+    """train.py under torchrun on this machine; returns the Popen (stdout and stderr captured)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py", *argv]
+    return subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), **popen)
+
+
+def finished(proc, timeout=180):
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def test_two_processes_equal_one_and_checkpoints_move_between_world_sizes(tmp_path, data_dir):
+    # The paper's schedule over 2 processes gives the numbers of 1 process (restarts included: the
+    # draws belong to windows, not processes); a checkpoint of either continues in the other.
+    argv = lambda out, epochs, *extra: tiny_argv(tmp_path / out, data_dir, "--schedule", "epoch", "--epochs",
+                                                 str(epochs), *extra, batch=3, every=3)
+    train_py.main(argv("one-2", 2))                                   # 1 process, 2 epochs (resumed by 2 below)
+    runs = [torchrun(argv("two", 4)), torchrun(argv("two-2", 2))]
+    for proc in runs:
+        code, out = finished(proc)
+        assert code == 0, out
+    resumed = [torchrun(["--out", str(tmp_path / "one-2"), "--resume", "--data-dir", data_dir, "--epochs", "4"])]
+    train_py.main(["--out", str(tmp_path / "two-2"), "--resume", "--data-dir", data_dir, "--epochs", "4"])
+    whole = train_py.main(argv("one", 4))
+    code, out = finished(resumed[0])
+    assert code == 0, out
+    one = train_py.load_checkpoint(str(tmp_path / "one" / "last.pt"))
+    for name, world in (("two", 2), ("two-2", 1), ("one-2", 2)):
+        state = train_py.load_checkpoint(str(tmp_path / name / "last.pt"))
+        assert state["world_size"] == world and state["progress"]["iteration"] == whole.iteration == 12
+        same_state(one, state)
+        assert state["codes"]["weight"].shape == one["codes"]["weight"].shape      # every row, gathered
+        assert len(state["fingerprints"]) == world and all(p == state["fingerprints"][0] for p in state["fingerprints"])
+    two = train_py.load_checkpoint(str(tmp_path / "two" / "last.pt"))["progress"]["history"][-1]
+    for key in ("loss_dec", "loss_dyn", "train_in_t", "test_in_t", "test_out_t"):  # all-reduced metrics too
+        assert two[key] == pytest.approx(whole.history[-1][key], rel=1e-5), key
+    assert "2 process(es) on cpu" in (tmp_path / "two" / "log.txt").read_text().splitlines()[0]
+
+
+def wait_for(path, text, proc, timeout=120):
+    start = time.time()
+    while time.time() - start < timeout:
+        if os.path.exists(path) and text in open(path).read():
+            return
+        assert proc.poll() is None, finished(proc)[1]
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} never appeared in {path}")
+
+
+def children(pid):
+    """Process ids whose parent is pid (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.parametrize("target", ["one process", "the group"])
+def test_a_signal_stops_every_process_once(tmp_path, data_dir, target):
+    # SIGTERM to ONE worker (as a scheduler may send): every process agrees to stop after the step,
+    # last.pt is written once, everyone exits 0 (so does torchrun). SIGINT to the whole group (Ctrl-C
+    # in a terminal): the same, but torchrun itself then exits 1 with its own traceback: its agent
+    # re-raises any signal it receives, after our processes have stopped and saved.
+    out = tmp_path / "run"
+    proc = torchrun(tiny_argv(out, data_dir, "--schedule", "minibatch", "--epochs", "100000", batch=3, every=3),
+                    start_new_session=True)
+    wait_for(out / "log.txt", "| iter 6 |", proc)
+    if target == "one process":
+        workers = children(proc.pid)
+        assert len(workers) == 2
+        os.kill(workers[1], signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
+    code, printed = finished(proc, timeout=120)
+    log = (out / "log.txt").read_text()
+    name = "SIGTERM" if target == "one process" else "SIGINT"
+    assert log.count(f"stopped by {name}") == 1 and printed.count("stopped by") == 1
+    assert code == (0 if target == "one process" else 1), printed
+    state = train_py.load_checkpoint(str(out / "last.pt"))
+    assert state["world_size"] == 2 and "minibatch 3 per process, 6 in all" in log.splitlines()[0]
+    assert f"continue with: python train.py --out {out} --resume" in log
+
+
+def test_more_processes_than_windows_is_refused(tmp_path, data_dir):
+    code, out = finished(torchrun(tiny_argv(tmp_path / "run", data_dir, "--set", "n_train=1", "--epochs", "1"),
+                                  nproc=3))
+    assert code != 0 and "3 processes for 2 training windows: each process needs at least one" in out
+    assert out.count("each process needs") == 1 and not (tmp_path / "run").exists()
 
 
 # ---- evaluate
@@ -1155,6 +1330,23 @@ def test_forecast_is_the_evaluation_path_and_refuses_bad_input(tiny_run, data_di
             model.forecast(*args, coords)
 
 
+def test_evaluate_writes_metrics_before_pictures(tiny_run, data_dir, tmp_path, monkeypatch, capsys):
+    out, _ = tiny_run
+
+    def no_room_for_gifs(path, write):
+        def fill(tmp):
+            write(tmp)
+            if path.endswith(".gif"):
+                raise OSError(28, "No space left on device")
+        solvers.write_atomic(path, fill)
+    monkeypatch.setattr(evaluate_py, "write_atomic", no_room_for_gifs)
+    with pytest.raises(SystemExit) as stop:
+        evaluate_py.main([str(out), "--data-dir", data_dir, "--out", str(tmp_path / "eval")])
+    captured = capsys.readouterr()
+    assert stop.value.code == 2 and captured.err.count("\n") == 1 and "No space left" in captured.err
+    assert "relative MSE" in captured.out and (tmp_path / "eval" / "metrics.json").exists()
+
+
 def test_spectral_interpolation_is_exact_for_band_limited_fields():
     n = 12
     g = torch.Generator().manual_seed(0)
@@ -1216,3 +1408,137 @@ def test_evaluate_bad_input_exits_2(tiny_run, tmp_path, data_dir, capsys):
         captured = capsys.readouterr()
         assert stop.value.code == 2 and message in captured.err and captured.err.count("\n") == 1, captured.err
         assert "code ran" not in captured.out
+
+
+# ---- benchmarks (slow): python -m pytest -m slow -s   (DINO_DEVICE=cuda for a GPU)
+
+DEVICE = os.environ.get("DINO_DEVICE", "auto")
+
+
+def synthetic_loader(pde):
+    """A load_dataset stand-in with the paper's shapes and random values (the cost of a step does
+    not depend on the values; the real sets take minutes to build)."""
+    spec = solvers.SPECS[pde]
+
+    def load(pde_, split, *, size, n_trajectories, device, **kwargs):
+        coords = spec.coords(size).float()
+        n = n_trajectories * spec.windows
+        frames = torch.randn(n, spec.window, *coords.shape[:2], len(spec.channels),
+                             generator=torch.Generator().manual_seed(0))
+        mask = spec.mask(size)
+        return solvers.PDEData(pde=pde, split=split, frames=frames.to(device), coords=coords.to(device),
+                               t=spec.spacing * torch.arange(spec.window, device=device),
+                               trajectory=torch.arange(n, device=device),
+                               mask=None if mask is None else mask.to(device), n_in_t=spec.n_in_t)
+    return load
+
+
+class CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts every aten op dispatched (host reads: aten._local_scalar_dense)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.syncs = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.syncs += func.overloadpacket is torch.ops.aten._local_scalar_dense
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pde, size", [("heat", 32), ("navier-stokes", 64)])
+def test_ops_and_host_reads_per_paper_epoch(pde, size, tmp_path, monkeypatch):
+    """Through train.py's command line, 3 epochs of the paper preset: every aten op inside the
+    epochs (plan + steps) counted. Targets: <= 5,000 ops and <= 2 host reads per epoch."""
+    monkeypatch.setattr(train_py, "load_dataset", synthetic_loader(pde))
+    counters = []
+    real_plan, real_step = train_py.plan_epoch, train_py.train_step
+
+    def plan(*args):
+        counters.append(CountOps())
+        with counters[-1]:
+            return real_plan(*args)
+
+    def step(*args):
+        with counters[-1]:
+            return real_step(*args)
+    monkeypatch.setattr(train_py, "plan_epoch", plan)
+    monkeypatch.setattr(train_py, "train_step", step)
+    train_py.main(["--pde", pde, "--preset", "paper", "--device", "cpu", "--set", f"size={size}", "--epochs", "3",
+                   "--out", str(tmp_path / "run"), "--set", "eval_every=100000"])
+    for epoch, c in enumerate(counters):
+        print(f"{pde} paper at {size}x{size}, epoch {epoch}: {c.ops} ops, {c.syncs} host reads")
+    assert len(counters) == 3 and all(c.ops <= 5000 and c.syncs <= 2 for c in counters)
+
+
+def paper_epoch_benchmark(pde, device, threads):
+    """Epochs per second, peak memory and the projected time of 10,000 epochs of a paper preset on
+    `device` (synthetic data of the paper's shapes), plus one test evaluation; prints one line."""
+    torch.set_num_threads(threads)
+    device = solvers.resolve_device(device)
+    train_py.load_dataset = synthetic_loader(pde)
+    cfg = train_py.CONFIGS[(pde, "paper")]
+    run = train_py.setup(cfg, device=device, data_dir=None)
+    progress = train_py.Progress(rng=run.generator.get_state())
+    cuda = device.startswith("cuda")
+
+    def epochs(n):
+        for _ in range(n):
+            plan = train_py.plan_epoch(run, progress)
+            for s in plan.steps:
+                train_py.train_step(run, plan.rows[s], plan.weight[s], plan.restart[s])
+                progress.advance(plan, run.generator, 10 ** 9)
+        if cuda:
+            torch.cuda.synchronize(device)
+    epochs(2)                                                       # warm-up
+    n = 20 if cuda else 3
+    start = time.perf_counter()
+    epochs(n)
+    per_epoch = (time.perf_counter() - start) / n
+    start = time.perf_counter()
+    train_py.test_metric(run)
+    evaluation = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated(device) if cuda else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
+    print(f"{pde} paper | {device}, {threads} thread(s) | {run.n_windows} windows, {run.iterations_per_epoch} "
+          f"minibatches of {cfg.batch_size} per epoch | epoch {per_epoch:.3f} s = {1 / per_epoch:.1f} epochs/s | "
+          f"10,000 epochs: {train_py.hms(10_000 * per_epoch)} | test evaluation {evaluation:.2f} s | peak "
+          f"{'GPU' if cuda else 'process'} memory {peak:.2f} GiB", flush=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pde", list(solvers.SPECS))
+def test_benchmark_paper_preset_epoch(pde):
+    """One process per preset (peak memory is per process), on DINO_DEVICE (default auto), 1 thread."""
+    run = subprocess.run([sys.executable, "-c", f"import test_dino; test_dino.paper_epoch_benchmark({pde!r}, "
+                          f"{DEVICE!r}, 1)"], capture_output=True, text=True, timeout=1800, cwd=HERE)
+    assert run.returncode == 0, run.stderr
+    print(run.stdout.strip())
+
+
+@pytest.mark.slow
+def test_exact_resume_on_the_device(tmp_path):
+    """The resume check of the fast suite on DINO_DEVICE (a GPU: deterministic kernels), in a fresh process."""
+    env = dict(os.environ, CUBLAS_WORKSPACE_CONFIG=":4096:8")
+    code = ("import torch, sys, test_dino; torch.use_deterministic_algorithms(True); "
+            f"test_dino.resume_check(sys.argv[1], {DEVICE!r})")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=900,
+                         cwd=HERE, env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    print(run.stdout.strip().splitlines()[-1])
+
+
+def resume_check(folder, device):
+    """A heat quick run interrupted by SIGTERM inside an epoch and resumed equals the whole run."""
+    device = solvers.resolve_device(device)
+    data, base = os.path.join(folder, "data"), ["--schedule", "minibatch", "--epochs", "4", "--device", device]
+    argv = lambda out: tiny_argv(os.path.join(folder, out), data, *base, batch=3, every=2)
+    whole = train_py.main(argv("whole"))
+    cfg, _, out, _, _ = train_py.resolve(train_py.parser().parse_args(argv("split")))
+    stop = lambda line: line.startswith("epoch 0 | iter 2") and os.kill(os.getpid(), signal.SIGTERM)
+    train_py.train(cfg, out=out, device=device, data_dir=data, log=stop)
+    rest = train_py.main(["--out", out, "--resume", "--data-dir", data, "--device", device])
+    worst = same_state(train_py.load_checkpoint(os.path.join(folder, "whole", "last.pt")),
+                       train_py.load_checkpoint(os.path.join(out, "last.pt")), rtol=1e-6)
+    print(f"resume on {device}: {rest.iteration} = {whole.iteration} iterations, largest relative difference {worst:.1e}")

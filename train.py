@@ -548,6 +548,15 @@ class Group:
             sig, out_of_time = flags.tolist()
         return signal.Signals(sig).name if sig else "minutes" if out_of_time else None
 
+    def same_everywhere(self, flat):
+        """Check that every process holds the same numbers `flat` (the networks: they take the same
+        steps on the same summed gradients); returns each process's fingerprint (sum, sum of squares)."""
+        mine = torch.stack([flat.double().sum(), flat.double().square().sum()])
+        prints = self.gather_rows(mine[None], self.world).tolist()
+        if any(p != prints[0] for p in prints):
+            raise RuntimeError(f"the processes hold different networks (fingerprints {prints}): a bug")
+        return prints
+
     def gather_rows(self, tensor, n):
         """(n, ...): every process's shard of rows, in window order (all processes take part)."""
         if self.world == 1:
@@ -582,12 +591,13 @@ KEYS = {"format", "config", "coord_dim", "n_channels", "mask", "world_size", "mo
 def save(run, progress, path):
     """Write a checkpoint from process 0 (every process sends its code rows), all-or-nothing."""
     codes = {k: run.group.gather_rows(v, run.n_windows).cpu() for k, v in run.codes.state_dict().items()}
+    fingerprints = run.group.same_everywhere(torch.cat([p.detach().reshape(-1) for p in run.model.parameters()]))
     error = None
     if run.group.rank == 0:
         state = {"format": FORMAT, "config": asdict(run.cfg), "coord_dim": run.points.shape[-1],
                  "n_channels": run.values.shape[-1], "mask": run.mask.cpu(), "world_size": run.group.world,
                  "model": {k: v.cpu() for k, v in run.model.state_dict().items()}, "codes": codes,
-                 "optimiser": run.optimiser.state_dict(), "loss_sums": run.loss_sums.cpu(),
+                 "optimiser": run.optimiser.state_dict(), "loss_sums": run.loss_sums.cpu(), "fingerprints": fingerprints,
                  "progress": {f.name: getattr(progress, f.name) for f in fields(progress)}}
         try:
             save_torch(path, state)
@@ -709,13 +719,15 @@ class Clock:
 def summary(run, label, clock, progress):
     """The first log line: what is trained, where, and how long it will take."""
     cfg, n_obs = run.cfg, int(run.mask.sum())
-    per_process = " per process" if run.group.world > 1 else ""
+    world = run.group.world
+    batch = f"{cfg.batch_size} per process, {world * cfg.batch_size} in all" if world > 1 and \
+        cfg.schedule == "minibatch" else f"{cfg.batch_size}"
     epoch = clock.first_step * (1 if cfg.schedule == "epoch" else run.iterations_per_epoch)
     remaining = (cfg.epochs - progress.epoch) * epoch
     return (f"{cfg.pde} | {label or 'config given'} | {cfg.epochs} epochs of {run.n_windows} windows x {len(run.t)} "
             f"frames, {n_obs}/{run.mask.numel()} points observed | decoder {count(run.model.decoder):,} + dynamics "
-            f"{count(run.model.dynamics):,} parameters | schedule {cfg.schedule}, minibatch {cfg.batch_size}"
-            f"{per_process} | {run.group.world} process(es) on {run.group.device} | first step {clock.first_step:.2f} s:"
+            f"{count(run.model.dynamics):,} parameters | schedule {cfg.schedule}, minibatch {batch} | {world} "
+            f"process(es) on {run.group.device} | first step {clock.first_step:.2f} s:"
             f" about {hms(remaining)} of training to go (evaluations add some)\n"
             f"metrics: relative MSE (MSE / mean square of truth); train In-t selects best.pt, test is reported only")
 
