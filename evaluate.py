@@ -77,21 +77,21 @@ def format_table(table):
 # ---- the evaluation
 
 
-def observed_points(state, cfg, test, *, rate, seed, resolution, data_dir):
-    """(N,) bool: which points of the test grid the code fitting sees, and a description."""
-    spec, device = SPECS[cfg.pde], test.coords.device
+def observed_points(state, cfg, data, *, rate, seed, resolution, data_dir):
+    """(N,) bool: which points of the grid the code fitting sees, and a description."""
+    spec, device = SPECS[cfg.pde], data.coords.device
     if spec.cut_from and resolution != cfg.size and resolution % cfg.size == 0:
         # super-resolution (paper Sec. 5): observe the training grid, decode the finer one. Both
         # grids are cuts of one simulation grid (solvers.py), so the training grid is every k-th point.
         k = resolution // cfg.size
-        coarse = load_dataset(cfg.pde, "test", size=cfg.size, data_dir=data_dir, n_trajectories=cfg.n_test,
-                              device=device, verbose=False)
-        observed = torch.zeros(test.coords.shape[:2], dtype=torch.bool, device=device)   # (H, W)
+        coarse = load_dataset(cfg.pde, data.split, size=cfg.size, data_dir=data_dir, device=device, verbose=False,
+                              n_trajectories=len(data.frames) // spec.windows)
+        observed = torch.zeros(data.coords.shape[:2], dtype=torch.bool, device=device)   # (H, W)
         observed[::k, ::k] = observation_mask(coarse, rate, seed)
         return observed.flatten(), f"the {cfg.size}-latitude training grid inside the {resolution}-latitude grid"
     if resolution == cfg.size and rate == cfg.subsampling and seed == cfg.mask_seed:
         return state["mask"].flatten().to(device), "the training mask"
-    return observation_mask(test, rate, seed).flatten(), f"a new mask (rate {rate}, seed {seed})"
+    return observation_mask(data, rate, seed).flatten(), f"a new mask (rate {rate}, seed {seed})"
 
 
 def check_memory(n_values, what, device):
@@ -102,10 +102,11 @@ def check_memory(n_values, what, device):
                          f"here; ask for less")
 
 
-def evaluate(path, *, device="cpu", subsampling=None, mask_seed=None, resolution=None, points=None, fit=None,
-             fit_steps=None, out=None, data_dir="data", pictures=True, log=print):
-    """Evaluate a checkpoint on its test set: metrics.json and the table, then the pictures (GIFs,
-    PNG) in `out`. Returns the metrics dict (its "files" lists what was written)."""
+def evaluate(path, *, device="cpu", split="test", subsampling=None, mask_seed=None, resolution=None, points=None,
+             fit=None, fit_steps=None, out=None, data_dir="data", pictures=True, log=print):
+    """Forecast every window of a split (test by default) from its frame 0 and score it: metrics.json
+    and the table first, then the pictures (GIFs, PNG) in `out`. Returns the metrics dict (its
+    "files" lists what was written)."""
     file = os.path.join(path, "best.pt") if os.path.isdir(path) else path
     state = load_checkpoint(file)
     model, cfg = model_from_checkpoint(state, device)
@@ -114,47 +115,55 @@ def evaluate(path, *, device="cpu", subsampling=None, mask_seed=None, resolution
     rate = cfg.subsampling if subsampling is None else subsampling
     seed = cfg.mask_seed if mask_seed is None else mask_seed
     resolution = cfg.size if resolution is None else resolution
-    windows = cfg.n_test * spec.windows * spec.window * len(spec.channels)
+    n_traj = cfg.n_test if split == "test" else cfg.n_train
+    windows = n_traj * spec.windows * spec.window * len(spec.channels)
     check_memory(windows * resolution ** 2 * spec.width_ratio, f"--resolution {resolution}", device)
     if points is not None:   # the sphere's truth also holds a Legendre table of nlat^2 values per point
         check_memory(points * (windows + (2 * spec.cut_from ** 2 if spec.cut_from else 0)), f"--points {points}", device)
-    out = out or default_out(path, cfg, subsampling, mask_seed, resolution, points)
+    out = out or default_out(path, cfg, split, subsampling, mask_seed, resolution, points)
     check_writable(out)
 
-    test = load_dataset(cfg.pde, "test", size=resolution, data_dir=data_dir, n_trajectories=cfg.n_test,
-                        device=device)
-    observed, how = observed_points(state, cfg, test, rate=rate, seed=seed, resolution=resolution,
+    data = load_dataset(cfg.pde, split, size=resolution, data_dir=data_dir, n_trajectories=n_traj, device=device)
+    observed, how = observed_points(state, cfg, data, rate=rate, seed=seed, resolution=resolution,
                                     data_dir=data_dir)
-    truth = test.frames.flatten(2, 3)                                     # (B, T, N, S)
-    coords = test.coords.flatten(0, 1)                                    # (N, X) physical
-    codes = model.forecast_codes(coords[observed], truth[:, 0, observed], test.t)   # (B, T, S, D)
+    truth = data.frames.flatten(2, 3)                                     # (B, T, N, S)
+    coords = data.coords.flatten(0, 1)                                    # (N, X) physical
+    codes = model.forecast_codes(coords[observed], truth[:, 0, observed], data.t)   # (B, T, S, D)
     pred = model.decode(coords, codes)                                    # (B, T, N, S)
-    n_in = test.n_in_t
-    grid = "x".join(str(n) for n in reversed(test.coords.shape[:2]))     # W x H (sphere: lon x lat)
-    err_t, ref_t = (pred - truth).pow(2).mean((0, 2, 3)), truth.pow(2).mean((0, 2, 3))   # (T,)
-    progress = state["progress"]
-    fitted = "closed form, ridge %.0e" % model.ridge.item() if model.fit == "closed-form" else f"{model.fit_steps} Adam steps"
-    metrics = {
-        "checkpoint": os.path.abspath(file), "pde": cfg.pde, "epoch": progress["epoch"],
-        "iteration": progress["iteration"], "grid": grid, "windows": len(truth), "frames": len(test.t),
-        "n_in_t": n_in, "observed": how, "observed_fraction": observed.float().mean().item(), "fit": fitted,
-        **mse_table(pred, truth, observed, n_in), "t": test.t.tolist(), "mse_vs_time": err_t.tolist(),
-        "rel_mse_vs_time": (err_t / ref_t.clamp_min(1e-30)).tolist()}
+    grid = "x".join(str(n) for n in reversed(data.coords.shape[:2]))     # W x H (sphere: lon x lat)
+    fitted = f"closed form, ridge {model.ridge.item():.0e}" if model.fit == "closed-form" else \
+        f"{model.fit_steps} Adam steps"
+    metrics = {"checkpoint": os.path.abspath(file), "pde": cfg.pde, "split": split,
+               "epoch": state["progress"]["epoch"], "iteration": state["progress"]["iteration"], "grid": grid,
+               "windows": len(truth), "frames": len(data.t), "n_in_t": data.n_in_t, "observed": how,
+               "observed_fraction": observed.float().mean().item(), "fit": fitted,
+               **score(pred, truth, observed, data.n_in_t), "t": data.t.tolist()}
     if points is not None:
-        metrics["points"] = free_form(model, cfg, codes, resolution=resolution, n_points=points, seed=seed,
-                                      n_in=n_in, data_dir=data_dir, device=device)
+        metrics["points"] = free_form(model, cfg, codes, split=split, resolution=resolution, n_points=points,
+                                      seed=seed, n_in=data.n_in_t, data_dir=data_dir, device=device)
     write_atomic(os.path.join(out, "metrics.json"), lambda tmp: write_json(tmp, metrics))
     log(f"{cfg.pde} | {metrics['checkpoint']} (epoch {metrics['epoch']}, iteration {metrics['iteration']}) | "
-        f"{len(truth)} test windows on {grid} | observed: {how}, {100 * metrics['observed_fraction']:.1f}% | "
+        f"{len(truth)} {split} windows on {grid} | observed: {how}, {100 * metrics['observed_fraction']:.1f}% | "
         f"alpha_0: {fitted}")
-    log(format_table(metrics))
+    log(format_table(metrics) + "\npersistence (frame 0 held), MSE In-t / Out-t: "
+        f"{metrics['persistence']['mse']['in_t']['all']:.3e} / {metrics['persistence']['mse']['out_t']['all']:.3e}")
     if "points" in metrics:
         p = metrics["points"]
         log(f"free-form: {p['n']} random points ({p['truth']}): relative MSE In-t {p['rel_mse']['in_t']:.3e}, "
             f"Out-t {p['rel_mse']['out_t']:.3e}")
-    metrics["files"] = ["metrics.json"] + (draw(out, cfg, test, pred, n_in, observed) if pictures else [])
+    metrics["files"] = ["metrics.json"] + (draw(out, cfg, data, pred, observed) if pictures else [])
     log(f"wrote {', '.join(os.path.join(out, f) for f in metrics['files'])}")
     return metrics
+
+
+def score(pred, truth, observed, n_in_t):
+    """The tables of DINo and of persistence (frame 0 held constant: the baseline a forecast must
+    beat), and the error of each frame."""
+    frames = range(truth.shape[1])
+    return {**mse_table(pred, truth, observed, n_in_t),
+            "persistence": mse_table(truth[:, :1].expand_as(truth), truth, observed, n_in_t),
+            "mse_vs_time": [(pred[:, k] - truth[:, k]).pow(2).mean().item() for k in frames],
+            "rel_mse_vs_time": [relative_mse(pred[:, k], truth[:, k]) for k in frames]}
 
 
 def write_json(path, data):
@@ -162,14 +171,15 @@ def write_json(path, data):
         json.dump(data, f, indent=1)
 
 
-def free_form(model, cfg, codes, *, resolution, n_points, seed, n_in, data_dir, device):
+def free_form(model, cfg, codes, *, split, resolution, n_points, seed, n_in, data_dir, device):
     """Forecast at random points anywhere in the domain (codes fitted on the grid as usual). The
     truth there: the spectral interpolant of the same test fields on a grid of at least 64 points
     (the size the data are simulated at; cosine or Fourier series, exact for these band-limited
     fields) or, on the sphere, the spherical-harmonic series of the simulation grid's fields."""
     spec = SPECS[cfg.pde]
     size = spec.cut_from or max(64, resolution)
-    fine = load_dataset(cfg.pde, "test", size=size, data_dir=data_dir, n_trajectories=cfg.n_test, device=device)
+    fine = load_dataset(cfg.pde, split, size=size, data_dir=data_dir, device=device,
+                        n_trajectories=cfg.n_test if split == "test" else cfg.n_train)
     if spec.boundary == "sphere":
         query = sphere_random_points(n_points, seed).to(device)          # (Q, 3)
         truth = sphere_interpolate(fine.frames, query)                    # (B, T, Q, S)
@@ -266,32 +276,32 @@ def save_error_plot(path, t, curves, n_in_t, title):
         plt.close(fig)
 
 
-def draw(out, cfg, test, pred, n_in, observed):
+def draw(out, cfg, data, pred, observed):
     """One GIF per state channel (a few windows) and the MSE-vs-time PNG; returns file names."""
-    B, T, H, W, S = test.frames.shape
+    B, T, H, W, S = data.frames.shape
     shown = min(B, 4 if H == W else 2)                                    # the sphere's panels are 2:1
     grid_pred = pred[:shown].view(shown, T, H, W, S)
-    t = test.t.cpu().numpy()
+    t = data.t.cpu().numpy()
     files = []
     for s, name in enumerate(SPECS[cfg.pde].channels):
-        file = f"forecast_{name}.gif"
-        save_gif(os.path.join(out, file), test.frames[:shown, ..., s], grid_pred[..., s], t, n_in,
+        files.append(f"forecast_{name}.gif")
+        save_gif(os.path.join(out, files[-1]), data.frames[:shown, ..., s], grid_pred[..., s], t, data.n_in_t,
                  f"{cfg.pde} {name}")
-        files.append(file)
-    err = (pred - test.frames.flatten(2, 3)).pow(2).mean(-1).mean(0)     # (T, N)
+    err = (pred - data.frames.flatten(2, 3)).pow(2).mean(-1).mean(0)     # (T, N)
     curves = {"all points": err.mean(1).cpu().numpy()}
     if not observed.all():
         curves["observed (In-s)"] = err[:, observed].mean(1).cpu().numpy()
         curves["unobserved (Out-s)"] = err[:, ~observed].mean(1).cpu().numpy()
-    save_error_plot(os.path.join(out, "mse_vs_time.png"), t, curves, n_in,
-                    f"{cfg.pde}: test MSE per frame ({B} windows)")
+    save_error_plot(os.path.join(out, "mse_vs_time.png"), t, curves, data.n_in_t,
+                    f"{cfg.pde}: {data.split} MSE per frame ({B} windows)")
     return files + ["mse_vs_time.png"]
 
 
-def default_out(path, cfg, subsampling, mask_seed, resolution, points):
+def default_out(path, cfg, split, subsampling, mask_seed, resolution, points):
     run = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     tags = [] if os.path.isdir(path) or os.path.basename(path) == "best.pt" else \
         [os.path.splitext(os.path.basename(path))[0]]
+    tags += ["train"] if split == "train" else []
     for flag, value in (("res", resolution if resolution != cfg.size else None), ("s", subsampling),
                         ("seed", mask_seed), ("points", points)):
         if value is not None:
@@ -308,6 +318,8 @@ def parser():
                                             + __doc__[__doc__.index("Usage:"):__doc__.index("Files land")].rstrip())
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")   # one line
     p.add_argument("run", help="run folder (uses its best.pt) or a checkpoint file written by train.py")
+    p.add_argument("--split", choices=("test", "train"), default="test",
+                   help="forecast the test windows (default) or the training windows, from their frame 0")
     p.add_argument("--subsampling", type=float, metavar="RATE",
                    help="observe this fraction of the grid, in (0, 1] (default: the training rate)")
     p.add_argument("--mask-seed", type=int, help="seed of the observation mask: a new grid (paper Table 3)")
@@ -336,7 +348,7 @@ def main(argv=None):
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        return evaluate(args.run, device=resolve_device(args.device), subsampling=args.subsampling,
+        return evaluate(args.run, device=resolve_device(args.device), split=args.split, subsampling=args.subsampling,
                         mask_seed=args.mask_seed, resolution=args.resolution, points=args.points, fit=args.fit,
                         fit_steps=args.fit_steps, out=args.out, data_dir=args.data_dir, pictures=not args.no_pictures)
     except (ValueError, OSError) as err:

@@ -12,32 +12,45 @@ contract choice: solvers, datasets (windows, T, H, W, S) and the model (B, T, N,
 layout, so a frame flattens to points with a reshape and never needs a permute. Grid axis 0 (H) is
 x, axis 1 (W) is y.
 
-1. Heat, du/dt = k Lap u on [-1, 1]^2 with zero-flux walls, cell-centred grid. The cosine series
+The file reads top to bottom in this order:
+
+1. The data contract: PDEData (what a dataset is), PDESpec and the SPECS table (the paper's
+   datasets, one entry per PDE), load_dataset and its helpers, observation_mask. Datasets follow
+   the paper's table; a trajectory depends only on (split, index), train and test seeds are
+   disjoint, and the sets are cached on disk under a hash of every setting, with a checksum of
+   the data. Other grid sizes: a planar trajectory is always simulated at the paper's size (64)
+   and then evaluated on the requested grid through its own spectral interpolant (cosine series
+   for heat, Fourier series for wave and Navier-Stokes), so a 32x32 or 128x128 test set holds the
+   same fields as the 64x64 one, point for point. The sphere is always simulated at 256x128 and
+   smaller sets are every k-th point of that set.
+2. Grids and spectral interpolation: trajectory seeds, planar grids, and the one spectral
+   interpolant behind new grid sizes (resample) and free points (interpolate).
+3. Heat, du/dt = k Lap u on [-1, 1]^2 with zero-flux walls, cell-centred grid. The cosine series
    of the grid values (DCT-II) diagonalises the Neumann Laplacian, so u(t) = IDCT(exp(-k lam t)
    DCT(u0)) with the continuous eigenvalues lam: exact in time and spectral in space.
-2. Wave, d2u/dt2 = c^2 Lap u on the periodic [-1, 1)^2, state (u, du/dt): exact in time, mode by
+4. Wave, d2u/dt2 = c^2 Lap u on the periodic [-1, 1)^2, state (u, du/dt): exact in time, mode by
    mode in Fourier space (a rotation of (u_k, du_k/dt) at frequency c|k|).
-3. Navier-Stokes, vorticity form on the periodic [0, 1)^2:
+5. Navier-Stokes, vorticity form on the periodic [0, 1)^2:
        dw/dt + u . grad w = nu Lap w + f,   u = (d psi/dy, -d psi/dx),   -Lap psi = w,
    pseudo-spectral with 2/3 de-aliasing; integrating-factor RK4 (Lawson): viscosity exact, the
    advection and forcing fourth order, a per-trajectory step from a Courant bound. An unstable
    step is never taken silently: it is retried with half the step, or refused with an error.
-4. Rotating shallow water on the sphere (Galewsky jets), vorticity-divergence form, spectral
+6. The planar dataset makers (make_heat, make_wave, make_navier_stokes): initial states from the
+   trajectory seeds, solved in batches, evaluated on the requested grid.
+7. Rotating shallow water on the sphere (Galewsky jets), vorticity-divergence form, spectral
    transform on Gauss latitudes, IMEX RK222; the section's own comments give the equations. Its
-   frames are (B, T, nlat, 2 nlat, S), north to south, longitude from 0.
-
-Datasets (load_dataset) follow the paper's table; a trajectory depends only on (split, index),
-train and test seeds are disjoint, and the sets are cached on disk. Other grid sizes: a trajectory
-is always simulated at the paper's size (64) and then evaluated on the requested grid through its
-own spectral interpolant (cosine series for heat, Fourier series for wave and Navier-Stokes), so
-a 32x32 or 128x128 test set holds the same fields as the 64x64 one, point for point. The sphere
-is always simulated at 256x128 and smaller sets are every k-th point of that set.
+   frames are (B, T, nlat, 2 nlat, S), north to south, longitude from 0. The section ends with
+   its dataset maker (shallow_water_trajectories) and interpolation at free points on the sphere.
+8. Files and devices: atomic writes, torch files loaded without running code, device choice.
+9. Benchmarks (--bench): ours against the official Crank-Nicolson + Euler scheme, which lives
+   there since nothing else uses it.
+10. The command line.
 
 Use:
     from solvers import load_dataset
     data = load_dataset("navier-stokes", "train")     # PDEData, frames (512, 20, 64, 64, 1)
     python solvers.py heat --split test --size 128      # build (or load) one set, print a summary
-    python solvers.py shallow-water --split test        # 2 Galewsky runs of 320 h at 256x128, ~3 min
+    python solvers.py shallow-water --split test        # 2 Galewsky runs of 320 h at 256x128
     python solvers.py --bench                           # speed and accuracy against the references
 """
 import argparse
@@ -51,7 +64,7 @@ import re
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -61,7 +74,223 @@ from grf import sample_grf
 PDES = ("heat", "wave", "navier-stokes", "shallow-water")
 
 
-# ---------------------------------------------------------------------------- seeds and grids
+# ---------------------------------------------------------------------------- the data contract
+@dataclass
+class PDEData:
+    """One split of one PDE's dataset, as load_dataset returns it."""
+    pde: str                   # 'heat' | 'wave' | 'navier-stokes' | 'shallow-water'
+    split: str                 # 'train' | 'test'
+    frames: torch.Tensor       # (windows, T, H, W, S) float32
+    coords: torch.Tensor       # (H, W, X) physical positions, float32
+    t: torch.Tensor            # (T,) times of the frames within a window, t[0] = 0
+    trajectory: torch.Tensor   # (windows,) long: the trajectory each window came from
+    mask: torch.Tensor | None  # (H, W) bool default observation mask, else None
+    n_in_t: int                # frames inside the training horizon (10 of 20)
+
+
+@dataclass(frozen=True)
+class PDESpec:
+    """Everything load_dataset needs to know about one PDE's dataset (the paper's table)."""
+    channels: tuple          # names of the S state channels
+    boundary: str            # how the grid continues: 'cosine' (zero-flux walls), 'periodic', 'sphere'
+    spacing: float           # time between frames
+    windows: int             # windows of `window` frames per trajectory
+    trajectories: dict       # split -> paper count (the default)
+    sizes: dict              # split -> paper grid size (H)
+    make: Callable           # make(split, indices, size, verbose=) -> (n, windows * window, H, W, S)
+    coords: Callable         # coords(size) -> (H, W, X) physical positions
+    mask: Callable = lambda size: None  # size -> (H, W) bool default observation mask, or None
+    settings: dict = field(default_factory=dict)  # physical settings, part of the cache key
+    window: int = 20
+    n_in_t: int = 10
+    width_ratio: int = 1     # grid points along W per point along H (the sphere: 2 longitudes per latitude)
+    cut_from: int | None = None  # if set: sets of other sizes are every k-th point of this size's set
+    most: dict | None = None     # split -> largest count allowed, where more than the paper's make sense
+
+
+# The sphere's simulation settings that its SPECS entry records (and so its cache key holds); the
+# solver's other constants are in the section "shallow water on the sphere".
+SPHERE_RADIUS = 6.37122e6          # m
+SPHERE_HYPERDIFFUSION = 1.0e5 * SPHERE_RADIUS**2 / 32**2   # m^4/s, Dedalus's "matched at l = 32"
+SPHERE_DATA_NLAT = 128             # the paper's simulation grid: 256 lon x 128 lat (T127)
+
+# The table names makers and grids of the physics sections further down; its lambdas look them
+# up when called, so the table can come first.
+SPECS = {
+    "heat": PDESpec(
+        channels=("u",), boundary="cosine", spacing=0.25, windows=2, trajectories={"train": 256, "test": 16},
+        sizes={"train": 64, "test": 64},
+        make=lambda split, indices, size, verbose=False: make_heat(split, indices, size, verbose=verbose),
+        coords=lambda size: planar_coords(size, low=-1.0, high=1.0, cell_centred=True),
+        settings=dict(diffusivity=0.1, grf=(2.5, 7.0), domain="[-1,1]^2 cell-centred, Neumann", dtype="float32")),
+    "wave": PDESpec(
+        channels=("u", "du_dt"), boundary="periodic", spacing=0.25, windows=8, trajectories={"train": 64, "test": 4},
+        sizes={"train": 64, "test": 64},
+        make=lambda split, indices, size, verbose=False: make_wave(split, indices, size, verbose=verbose),
+        coords=lambda size: planar_coords(size, low=-1.0, high=1.0, cell_centred=False),
+        settings=dict(speed=1.0 / 16, radius=(0.25, 0.30), height=(2.0, 4.0), domain="[-1,1)^2 periodic", dtype="float32")),
+    "navier-stokes": PDESpec(
+        channels=("vorticity",), boundary="periodic", spacing=1.0, windows=2, trajectories={"train": 256, "test": 16},
+        sizes={"train": 64, "test": 64},
+        make=lambda split, indices, size, verbose=False: make_navier_stokes(split, indices, size, verbose=verbose),
+        coords=lambda size: planar_coords(size, low=0.0, high=1.0, cell_centred=False),
+        settings=dict(viscosity=1e-3, spin_up=30.0, forcing="0.1(sin 2pi(x+y) + cos 2pi(x+y))",
+                      grf=(2.5, 7.0), scheme="IF-RK4 cfl 2.0 float32", domain="[0,1)^2 periodic")),
+    # Simulated at 256x128 (T127) whatever the size asked for; smaller sets are every k-th point of
+    # that set, so every size (and evaluate.py's free points) sees the same simulation.
+    "shallow-water": PDESpec(
+        channels=("height", "vorticity"), boundary="sphere", spacing=1.0, windows=8, trajectories={"train": 8, "test": 2},
+        sizes={"train": 64, "test": 64}, cut_from=SPHERE_DATA_NLAT, width_ratio=2,
+        most={"train": 16, "test": 2},  # a later paper trained on 16 runs: n_trajectories=16
+        make=lambda split, indices, size, verbose=False: shallow_water_trajectories(
+            split, indices, size=size, threads=1, verbose=verbose),
+        coords=lambda size: sphere_coords(size), mask=lambda size: latitude_mask(size),
+        settings=dict(galewsky_u_max=(60.0, 80.0), hours=(160, 320), sim_nlat=SPHERE_DATA_NLAT,
+                      dt=600.0, hyperdiffusion=SPHERE_HYPERDIFFUSION, scheme="IMEX RK222, 3/2 padding",
+                      units="h'/R*3000, zeta[1/h]*2")),
+}
+CACHE_VERSION = 1  # bump when a generator changes in a way the settings do not show
+
+
+def load_dataset(pde, split, *, size=None, data_dir="data", n_trajectories=None, device="cpu",
+                 verbose=True):
+    """The paper's dataset for `pde` and `split` as a PDEData (see the dataclass for shapes).
+
+    size: grid points along H (None = the paper's 64); n_trajectories: None = the paper's count,
+    smaller = the first n trajectories of the full set. Generated on the first call and cached in
+    data_dir under a name holding a hash of every setting, with a checksum of the data; a cached
+    file that is unreadable, stale or corrupted is reported in one line and regenerated. Errors:
+    ValueError for bad arguments or a data_dir that cannot hold the cache (checked before any
+    work), OSError when writing the cache fails (nothing is left behind).
+    """
+    spec, size, n = _resolve(pde, split, size, n_trajectories)
+    settings = dict(pde=pde, split=split, size=size, n_trajectories=n, version=CACHE_VERSION,
+                    spacing=spec.spacing, window=spec.window, windows=spec.windows,
+                    channels=len(spec.channels), **spec.settings)
+    settings = json.loads(json.dumps(settings))  # canonical form (tuples -> lists) for comparison
+    path = _cache_path(data_dir, pde=pde, split=split, size=size, n=n, settings=settings)
+    payload = None
+    if os.path.exists(path):
+        payload, problem = _read_cache(path, settings, (n * spec.windows, spec.window, len(spec.channels)))
+        if problem:
+            print(f"cache {path} is {problem}; regenerating it", flush=True)
+    if payload is None:
+        check_writable(data_dir, name="data_dir")
+        start = time.time()
+        if verbose:
+            grid = "x".join(map(str, reversed(spec.coords(size).shape[:2])))  # W x H (sphere: lon x lat)
+            print(f"generating {pde} {split}: {n} trajectories on a {grid} grid -> {path}", flush=True)
+        payload = _build(pde, split, size=size, n=n, spec=spec, data_dir=data_dir, verbose=verbose)
+        payload["settings"], payload["checksum"] = settings, _checksum(payload)
+        save_torch(path, payload)
+        if verbose:
+            print(f"generated {pde} {split} in {time.time() - start:.1f} s "
+                  f"({os.path.getsize(path) / 2**20:.1f} MiB)")
+    mask = payload["mask"]
+    return PDEData(pde=pde, split=split, frames=payload["frames"].to(device),
+                   coords=payload["coords"].to(device), t=payload["t"].to(device),
+                   trajectory=payload["trajectory"].to(device),
+                   mask=None if mask is None else mask.to(device), n_in_t=spec.n_in_t)
+
+
+def _resolve(pde, split, size, n_trajectories):
+    """(spec, size, n) of a load_dataset call: defaults filled in, every argument checked (ValueError)."""
+    if pde not in SPECS:
+        raise ValueError(f"unknown pde {pde!r}; allowed: {', '.join(PDES)}")
+    spec = SPECS[pde]
+    if split not in spec.trajectories:
+        raise ValueError(f"unknown split {split!r} for {pde}; allowed: {', '.join(spec.trajectories)}")
+    for name, value in (("size", size), ("n_trajectories", n_trajectories)):
+        if value is not None and (isinstance(value, bool) or not float(value).is_integer()):
+            raise ValueError(f"{name} must be a whole number, got {value!r}")
+    size = spec.sizes[split] if size is None else int(size)
+    if size < 4:
+        raise ValueError(f"size must be >= 4 grid points, got {size}")
+    if spec.cut_from and spec.cut_from % size:
+        allowed = [s for s in range(4, spec.cut_from + 1) if spec.cut_from % s == 0]
+        raise ValueError(f"size {size} is not allowed for {pde}: it must divide the simulation grid "
+                         f"{spec.cut_from} (allowed: {', '.join(map(str, allowed))})")
+    n = spec.trajectories[split] if n_trajectories is None else int(n_trajectories)
+    most = (spec.most or spec.trajectories)[split]
+    if not 1 <= n <= most:
+        raise ValueError(f"n_trajectories must be in 1..{most} for {pde} {split}, got {n_trajectories}")
+    # float32 frames, held about three times while a set is built, resampled and serialised
+    need = 3 * 4 * n * spec.windows * spec.window * size * size * spec.width_ratio * len(spec.channels)
+    if need > physical_memory():
+        raise ValueError(f"a {pde} {split} set of {n} trajectories at size {size} needs about "
+                         f"{need / 2**30:.0f} GiB of memory, more than this machine's "
+                         f"{physical_memory() / 2**30:.0f} GiB; choose a smaller size")
+    return spec, size, n
+
+
+def _cache_path(data_dir, *, pde, split, size, n, settings):
+    """The cache file: readable names, plus a hash of every setting, so a changed setting is a new file."""
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return os.path.join(data_dir, f"{pde}-{split}-{size}px-{n}traj-{digest}.pt")
+
+
+def _checksum(payload):
+    """SHA-256 of the stored tensors' bytes: a flipped byte anywhere in the data is caught on load
+    (the zip container itself only notices truncation)."""
+    digest = hashlib.sha256()
+    for key in ("frames", "coords", "t", "trajectory", "mask"):
+        if payload[key] is not None:
+            digest.update(payload[key].contiguous().numpy())
+    return digest.hexdigest()
+
+
+def _read_cache(path, settings, expected_shape):
+    """The cached payload, or None with the reason when the file is unreadable, stale or corrupted."""
+    try:
+        payload = load_torch(path, kind="a dataset cache")
+    except ValueError as err:  # truncated, not a torch file, ...
+        return None, f"unreadable ({str(err).split(' is ')[-1]})"
+    if not isinstance(payload, dict) or payload.get("settings") != settings:
+        return None, "its stored settings differ"
+    if tuple(payload["frames"].shape[:2]) + tuple(payload["frames"].shape[4:]) != expected_shape:
+        return None, "its shapes differ"
+    if payload.get("checksum") != _checksum(payload):
+        return None, "corrupted (checksum mismatch)"
+    return payload, None
+
+
+def _build(pde, split, *, size, n, spec, data_dir, verbose):
+    """The payload of a new cache file (all but its settings and checksum)."""
+    if spec.cut_from and size != spec.cut_from:  # every k-th point of the (cached) full-size set
+        stride = spec.cut_from // size
+        frames = load_dataset(pde, split, size=spec.cut_from, data_dir=data_dir, n_trajectories=n,
+                              verbose=verbose).frames[:, :, ::stride, ::stride]  # (windows, T, H, W, S)
+    else:
+        full = spec.make(split, range(n), size, verbose=verbose)  # (n, windows * window, H, W, S)
+        frames = full[:, : spec.windows * spec.window].reshape(
+            n * spec.windows, spec.window, *full.shape[2:])  # (windows, T, H, W, S), trajectory-major
+    if not torch.isfinite(frames).all():
+        raise RuntimeError(f"{pde} {split}: the generator produced non-finite values")
+    mask = spec.mask(size)
+    return dict(frames=frames.float().contiguous(), coords=spec.coords(size).float(),
+                t=spec.spacing * torch.arange(spec.window, dtype=torch.float32),
+                trajectory=torch.arange(n).repeat_interleave(spec.windows),
+                mask=None if mask is None else mask.bool())
+
+
+def observation_mask(data, rate, seed):
+    """(H, W) bool: the points a model observes. The PDE's own mask (sphere: latitude thinning)
+    AND, for rate < 1, a uniform random draw of that fraction of the grid (paper: 5/25/100%).
+    Drawn on the CPU from its own generator, so a seed gives the same mask on any device."""
+    if not 0 < rate <= 1:
+        raise ValueError(f"subsampling rate {rate} is outside (0, 1]")
+    h, w = data.coords.shape[:2]
+    mask = torch.ones(h, w, dtype=torch.bool)
+    if data.mask is not None:
+        mask &= data.mask.cpu()
+    if rate < 1.0:
+        mask &= torch.rand(h, w, generator=torch.Generator().manual_seed(seed)) < rate
+    if not mask.any():
+        raise ValueError(f"subsampling rate {rate} leaves no observed point on a {h}x{w} grid")
+    return mask.to(data.coords.device)
+
+
+# ---------------------------------------------------------------------------- grids and spectral interpolation
 def trajectory_seed(split, index):
     """The seed of trajectory (split, index): index for train, 2^31 - 1 - index for test (disjoint
     sets, as the official code)."""
@@ -74,8 +303,8 @@ def trajectory_seed(split, index):
 
 def planar_coords(size, *, low, high, cell_centred):
     """(size, size, 2) physical positions (x along H, y along W) of a square grid on [low, high)."""
-    h = (high - low) / size
-    x = low + h * (torch.arange(size, dtype=torch.float64) + (0.5 if cell_centred else 0.0))
+    dx = (high - low) / size
+    x = low + dx * (torch.arange(size, dtype=torch.float64) + (0.5 if cell_centred else 0.0))
     return torch.stack(torch.meshgrid(x, x, indexing="ij"), dim=-1)  # (H, W, 2)
 
 
@@ -129,9 +358,9 @@ def resample(frames, size, *, boundary):
     if (h, w) == (size, size):
         return frames
     opts = dict(boundary=boundary, dtype=frames.dtype, device=frames.device)
-    r_h = spectral_basis(h, grid_fractions(size, boundary=boundary), **opts)  # (size, H)
-    r_w = spectral_basis(w, grid_fractions(size, boundary=boundary), **opts)  # (size, W)
-    return torch.einsum("ih,...hws,jw->...ijs", r_h, frames, r_w)
+    r_x = spectral_basis(h, grid_fractions(size, boundary=boundary), **opts)  # (size, H)
+    r_y = spectral_basis(w, grid_fractions(size, boundary=boundary), **opts)  # (size, W)
+    return torch.einsum("ih,...hws,jw->...ijs", r_x, frames, r_y)
 
 
 def interpolate(frames, s_x, s_y, *, boundary):
@@ -156,15 +385,15 @@ def solve_heat(u0, t, *, diffusivity=0.1, length=2.0):
     b, h, w = u0.shape
     opts = dict(dtype=u0.dtype, device=u0.device)
     t = torch.as_tensor(t, **opts)
-    d_h = cosine_modes(h, (torch.arange(h, **opts) + 0.5) / h, **opts).T  # (m, i) DCT-II matrix
-    d_w = cosine_modes(w, (torch.arange(w, **opts) + 0.5) / w, **opts).T
-    coeff = d_h @ u0 @ d_w.T  # (B, H, W) cosine coefficients a_mn (unnormalised DCT-II)
-    lam_h = (math.pi * torch.arange(h, **opts) / length) ** 2  # (H,)
-    lam_w = (math.pi * torch.arange(w, **opts) / length) ** 2  # (W,)
-    decay = torch.exp(-diffusivity * t[:, None, None] * (lam_h[:, None] + lam_w[None, :]))  # (T, H, W)
+    d_x = cosine_modes(h, (torch.arange(h, **opts) + 0.5) / h, **opts).T  # (m, i) DCT-II matrix
+    d_y = cosine_modes(w, (torch.arange(w, **opts) + 0.5) / w, **opts).T
+    coeff = d_x @ u0 @ d_y.T  # (B, H, W) cosine coefficients a_mn (unnormalised DCT-II)
+    lam_x = (math.pi * torch.arange(h, **opts) / length) ** 2  # (H,)
+    lam_y = (math.pi * torch.arange(w, **opts) / length) ** 2  # (W,)
+    decay = torch.exp(-diffusivity * t[:, None, None] * (lam_x[:, None] + lam_y[None, :]))  # (T, H, W)
     # inverse DCT-II: the transposed matrix with the synthesis weights
     coeff = coeff * cosine_synthesis_weights(h, **opts)[:, None] * cosine_synthesis_weights(w, **opts)[None, :]
-    u = d_h.T @ (coeff[:, None] * decay) @ d_w  # (B, T, H, W)
+    u = d_x.T @ (coeff[:, None] * decay) @ d_y  # (B, T, H, W)
     return u.unsqueeze(-1)  # (B, T, H, W, 1)
 
 
@@ -204,18 +433,19 @@ class SpectralOps:
     shape: tuple
 
 
-def spectral_ops(h, w, *, dtype, device):
-    kx_int = torch.fft.fftfreq(h, d=1.0 / h, dtype=dtype, device=device)[:, None]  # (H, 1)
-    ky_int = torch.fft.rfftfreq(w, d=1.0 / w, dtype=dtype, device=device)[None, :]  # (1, W//2+1)
+def spectral_ops(nx, ny, *, dtype, device):
+    """The Fourier multipliers of an nx x ny grid of the unit torus (see SpectralOps)."""
+    kx_int = torch.fft.fftfreq(nx, d=1.0 / nx, dtype=dtype, device=device)[:, None]  # (H, 1)
+    ky_int = torch.fft.rfftfreq(ny, d=1.0 / ny, dtype=dtype, device=device)[None, :]  # (1, W//2+1)
     k_x, k_y = 2 * math.pi * kx_int, 2 * math.pi * ky_int
     lap = k_x**2 + k_y**2
     lap[0, 0] = 1.0  # psi's mean is arbitrary; w has no mean mode in the Poisson solve, so psi_0 = 0
     # -Lap psi = w  =>  psi_h = w_h / |k|^2;  u = d psi/dy, v = -d psi/dx, plus grad w.
     to_fields = torch.stack(torch.broadcast_tensors(1j * k_y / lap, -1j * k_x / lap, 1j * k_x, 1j * k_y))
     # 2/3 rule: products of two fields with |k_i| <= n/3 alias only onto modes above n/3, removed.
-    dealias = (kx_int.abs() <= (2.0 / 3.0) * (h // 2)) & (ky_int.abs() <= (2.0 / 3.0) * (w // 2))
-    k_max = 2 * math.pi * (2.0 / 3.0) * max(h // 2, w // 2)
-    return SpectralOps(lap=lap, to_fields=to_fields, dealias=dealias, k_max=k_max, shape=(h, w))
+    dealias = (kx_int.abs() <= (2.0 / 3.0) * (nx // 2)) & (ky_int.abs() <= (2.0 / 3.0) * (ny // 2))
+    k_max = 2 * math.pi * (2.0 / 3.0) * max(nx // 2, ny // 2)
+    return SpectralOps(lap=lap, to_fields=to_fields, dealias=dealias, k_max=k_max, shape=(nx, ny))
 
 
 def ns_forcing(size, *, amplitude=0.1, dtype=torch.float64, device="cpu"):
@@ -225,31 +455,45 @@ def ns_forcing(size, *, amplitude=0.1, dtype=torch.float64, device="cpu"):
     return amplitude * (torch.sin(phase) + torch.cos(phase))  # (H, W)
 
 
-def ns_advection(w_h, ops, *, with_rate=False):
-    """-u . grad w in Fourier space, de-aliased: w_h (B, H, W//2+1) -> (B, H, W//2+1).
-
-    with_rate=True also returns the Courant rate max(|u| + |v|) * k_max per trajectory (B,)."""
-    u, v, w_x, w_y = torch.fft.irfft2(w_h[:, None] * ops.to_fields, s=ops.shape).unbind(1)  # (B, H, W) each
-    adv_h = -torch.fft.rfft2(u * w_x + v * w_y) * ops.dealias
-    if not with_rate:
-        return adv_h
-    return adv_h, (u.abs() + v.abs()).amax(dim=(-2, -1)) * ops.k_max
+def ns_advection(w_h, ops):
+    """-u . grad w in Fourier space, de-aliased: w_h (B, H, W//2+1) -> (B, H, W//2+1)."""
+    return _ns_advection_and_velocity(w_h, ops)[0]
 
 
-def _ifrk4_step(w_h, dt, ops, *, viscosity, f_h):
-    """One Lawson integrating-factor RK4 step of w_h' = -nu |k|^2 w_h + N(w_h); dt (B, 1, 1).
+class AdvectionAndRate(NamedTuple):
+    advection: torch.Tensor  # (B, H, W//2+1) as ns_advection returns it
+    rate: torch.Tensor       # (B,) Courant rate max(|u| + |v|) * k_max: times dt, the Courant number
 
-    With E = exp(-nu |k|^2 dt / 2) the substitution v = exp(nu |k|^2 t) w_h removes the stiff term
-    and classical RK4 is applied to v: fourth order, viscosity exact (any |k| is stable)."""
-    e = torch.exp(-viscosity * ops.lap * dt / 2)  # (B, H, W//2+1), half-step factor
+
+def ns_advection_and_rate(w_h, ops):
+    """ns_advection and each trajectory's Courant rate, the rate from the velocity the advection
+    computes anyway (no extra transform): w_h (B, H, W//2+1) -> AdvectionAndRate."""
+    advection, u, v = _ns_advection_and_velocity(w_h, ops)
+    return AdvectionAndRate(advection=advection, rate=(u.abs() + v.abs()).amax(dim=(-2, -1)) * ops.k_max)
+
+
+def _ns_advection_and_velocity(w_h, ops):
+    """(advection (B, H, W//2+1), u (B, H, W), v (B, H, W)): the grid velocity and vorticity
+    gradient come from one batched inverse FFT, the advection from one forward FFT."""
+    u, v, dw_dx, dw_dy = torch.fft.irfft2(w_h[:, None] * ops.to_fields, s=ops.shape).unbind(1)  # (B, H, W) each
+    return -torch.fft.rfft2(u * dw_dx + v * dw_dy) * ops.dealias, u, v
+
+
+def _ifrk4_step(w_h, dt_b, ops, *, viscosity, f_h):
+    """One Lawson integrating-factor RK4 step of w_h' = -nu |k|^2 w_h + N(w_h); dt_b (B, 1, 1) is
+    each trajectory's step dt.
+
+    With E = exp(-nu |k|^2 dt / 2) the substitution z = exp(nu |k|^2 t) w_h removes the stiff term
+    and classical RK4 is applied to z: fourth order, viscosity exact (any |k| is stable)."""
+    e = torch.exp(-viscosity * ops.lap * dt_b / 2)  # (B, H, W//2+1), half-step factor
     e[..., 0, 0] = 1.0  # lap holds 1 at k = 0 only for the Poisson solve; the mean does not decay
-    n1, rate = ns_advection(w_h, ops, with_rate=True)
-    n1 = n1 + f_h
-    n2 = ns_advection(e * (w_h + dt / 2 * n1), ops) + f_h
-    n3 = ns_advection(e * w_h + dt / 2 * n2, ops) + f_h
-    n4 = ns_advection(e * e * w_h + dt * e * n3, ops) + f_h
-    w_new = e * e * w_h + dt / 6 * (e * e * n1 + 2 * e * (n2 + n3) + n4)
-    return w_new, rate * dt[:, 0, 0]  # new state, Courant number at the start of the step (B,)
+    first = ns_advection_and_rate(w_h, ops)
+    n1 = first.advection + f_h
+    n2 = ns_advection(e * (w_h + dt_b / 2 * n1), ops) + f_h
+    n3 = ns_advection(e * w_h + dt_b / 2 * n2, ops) + f_h
+    n4 = ns_advection(e * e * w_h + dt_b * e * n3, ops) + f_h
+    w_new = e * e * w_h + dt_b / 6 * (e * e * n1 + 2 * e * (n2 + n3) + n4)
+    return w_new, first.rate * dt_b[:, 0, 0]  # new state, Courant number at the start of the step (B,)
 
 
 def solve_navier_stokes(w0, t, *, viscosity=1e-3, forcing=None, dt=None, cfl=2.0, max_cfl=2.6,
@@ -267,17 +511,17 @@ def solve_navier_stokes(w0, t, *, viscosity=1e-3, forcing=None, dt=None, cfl=2.0
     trajectory does not change with the batch it is computed in.
     Order: 4 in time (Lawson IF-RK4), spectral in space.
     """
-    b, h, w = w0.shape
+    b, nx, ny = w0.shape
     opts = dict(dtype=w0.dtype, device=w0.device)
     if not torch.isfinite(w0).all():
         raise ValueError("w0 holds non-finite values")
     t = torch.as_tensor(t, dtype=torch.float64).tolist()
-    if any(b_ < a_ for a_, b_ in zip([0.0] + t, t)):
+    if any(later < earlier for earlier, later in zip([0.0] + t, t)):
         raise ValueError(f"output times must be >= 0 and non-decreasing, got {t}")
     if dt is not None and dt <= 0:
         raise ValueError(f"dt must be positive or None, got {dt}")
-    ops = spectral_ops(h, w, **opts)
-    f_h = torch.zeros(h, w // 2 + 1, dtype=torch.fft.rfft2(w0[:1]).dtype, device=w0.device)
+    ops = spectral_ops(nx, ny, **opts)
+    f_h = torch.zeros(nx, ny // 2 + 1, dtype=torch.fft.rfft2(w0[:1]).dtype, device=w0.device)
     if forcing is not None:
         f_h = torch.fft.rfft2(torch.as_tensor(forcing, **opts))
     w_h, now, frames = torch.fft.rfft2(w0), 0.0, []
@@ -287,7 +531,7 @@ def solve_navier_stokes(w0, t, *, viscosity=1e-3, forcing=None, dt=None, cfl=2.0
             w_h = _ns_interval(w_h, span, ops, viscosity=viscosity, f_h=f_h, dt=dt, cfl=cfl,
                                max_cfl=max_cfl, max_halvings=max_halvings)
         now = target
-        frames.append(torch.fft.irfft2(w_h, s=(h, w)))
+        frames.append(torch.fft.irfft2(w_h, s=(nx, ny)))
     return torch.stack(frames, dim=1).unsqueeze(-1)  # (B, T, H, W, 1)
 
 
@@ -295,7 +539,7 @@ def _ns_interval(w_h, span, ops, *, viscosity, f_h, dt, cfl, max_cfl, max_halvin
     """Advance every trajectory by `span`, each with its own number of equal steps."""
     b = w_h.shape[0]
     if dt is None:  # per-trajectory Courant bound from the state at the start of the interval
-        rate = ns_advection(w_h, ops, with_rate=True)[1]  # (B,)
+        rate = ns_advection_and_rate(w_h, ops).rate  # (B,)
         steps = torch.ceil(span * rate / cfl).clamp_min(1)
     else:
         steps = torch.full((b,), math.ceil(span / dt - 1e-9), dtype=torch.float64)
@@ -321,22 +565,86 @@ def _ns_interval(w_h, span, ops, *, viscosity, f_h, dt, cfl, max_cfl, max_halvin
                        f"trajectories {bad.nonzero().flatten().tolist()}: the state is blowing up")
 
 
-def _ns_cn_euler_reference(w0, t, *, viscosity=1e-3, forcing=None, dt=1e-3):
-    """The official data's scheme, for benchmarks only: Crank-Nicolson viscosity + explicit Euler
-    advection and forcing, fixed dt (first order). Same spatial discretisation as ours."""
-    b, h, w = w0.shape
-    ops = spectral_ops(h, w, dtype=w0.dtype, device=w0.device)
-    f_h = 0.0 if forcing is None else torch.fft.rfft2(forcing)
-    visc = viscosity * ops.lap
-    w_h, now, frames = torch.fft.rfft2(w0), 0.0, []
-    for target in torch.as_tensor(t, dtype=torch.float64).tolist():
-        n_steps = round((target - now) / dt)
-        for _ in range(n_steps):
-            adv_h = ns_advection(w_h, ops)
-            w_h = ((1 - 0.5 * dt * visc) * w_h + dt * (adv_h + f_h)) / (1 + 0.5 * dt * visc)
-        now = target
-        frames.append(torch.fft.irfft2(w_h, s=(h, w)))
-    return torch.stack(frames, dim=1).unsqueeze(-1)
+# ---------------------------------------------------------------------------- the dataset makers
+def in_batches(make_batch, indices, *, batch, label="", verbose=False):
+    """Concatenate make_batch(indices[i:i + batch]) over consecutive batches (dim 0).
+
+    Each trajectory depends on its index only, so batching changes speed, never results. Small
+    batches keep the working set in cache, and on a CPU we run single-threaded: these 64x64
+    transforms are too small to share between threads, and on a busy machine threads waiting for
+    each other made generation much slower (measured)."""
+    indices, out, start = list(indices), [], time.time()
+    threads, last_print = torch.get_num_threads(), start
+    torch.set_num_threads(1)
+    try:
+        for lo in range(0, len(indices), batch):
+            out.append(make_batch(indices[lo:lo + batch]))
+            done, now = min(lo + batch, len(indices)), time.time()
+            if verbose and (now - last_print > 10 or done == len(indices)):  # every 10 s and at the end
+                last_print, spent = now, now - start
+                print(f"  {label}: {done}/{len(indices)} trajectories, {spent:.0f} s, "
+                      f"eta {spent / done * (len(indices) - done):.0f} s", flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    return torch.cat(out)
+
+
+def make_heat(split, indices, size, *, diffusivity=0.1, n_frames=40, spacing=0.25, verbose=False):
+    """(n, n_frames, size, size, 1): GRF(alpha 2.5, tau 7) on the 64x64 cell centres of [-1,1]^2.
+    Solved in float32 (exact in time; ~1e-6 relative round-off), evaluated on size x size."""
+    times = spacing * torch.arange(n_frames)
+
+    def make_batch(idx):
+        u0 = sample_grf(64, [trajectory_seed(split, i) for i in idx])  # (b, 64, 64) float32
+        return resample(solve_heat(u0, times, diffusivity=diffusivity), size, boundary="cosine")
+    return in_batches(make_batch, indices, batch=16, label=f"heat {split}", verbose=verbose)
+
+
+def wave_bump(size, seeds, *, dtype=torch.float64):
+    """Gaussian bumps height * exp(-d^2 / (2 r^2)) on the periodic [-1, 1)^2 grid, r ~ U(0.25,
+    0.30), height ~ U(2, 4), centre uniform (a random periodic shift): (n, size, size)."""
+    draws = torch.stack([torch.rand(4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+                         for seed in seeds])  # (n, 4) noise on the CPU per seed
+    radius, height = 0.25 + 0.05 * draws[:, 0], 2.0 + 2.0 * draws[:, 1]
+    centre = -1.0 + 2.0 * draws[:, 2:]  # (n, 2)
+    xy = planar_coords(size, low=-1.0, high=1.0, cell_centred=False)  # (H, W, 2)
+    d = xy[None] - centre[:, None, None, :]  # (n, H, W, 2)
+    # Sum the periodic images within two periods: the bump is smooth and periodic to ~1e-20.
+    shifts = 2.0 * torch.arange(-2, 3, dtype=torch.float64)
+    dx2 = ((d[..., 0, None] + shifts) ** 2)  # (n, H, W, 5)
+    dy2 = ((d[..., 1, None] + shifts) ** 2)
+    r2 = 2 * radius[:, None, None, None] ** 2
+    bump = torch.exp(-dx2 / r2).sum(-1) * torch.exp(-dy2 / r2).sum(-1)  # separable Gaussian
+    return (height[:, None, None] * bump).to(dtype)
+
+
+def make_wave(split, indices, size, *, speed=1.0 / 16, n_frames=160, spacing=0.25, verbose=False):
+    """(n, n_frames, size, size, 2): bump at rest on the periodic 64x64 grid, channels (u, du/dt).
+    Solved in float32 (exact in time), evaluated on size x size."""
+    times = spacing * torch.arange(n_frames)
+
+    def make_batch(idx):
+        u0 = wave_bump(64, [trajectory_seed(split, i) for i in idx], dtype=torch.float32)
+        frames = solve_wave(u0, torch.zeros_like(u0), times, speed=speed)
+        return resample(frames, size, boundary="periodic")
+    return in_batches(make_batch, indices, batch=4, label=f"wave {split}", verbose=verbose)
+
+
+def make_navier_stokes(split, indices, size, *, viscosity=1e-3, spin_up=30.0, n_frames=40,
+                       spacing=1.0, dtype=torch.float32, verbose=False):
+    """(n, n_frames, size, size, 1): GRF(alpha 2.5, tau 7) vorticity on 64x64, spun up for
+    `spin_up` time units under the paper's forcing, then one frame every `spacing`.
+
+    float32 by default: faster than float64 on a CPU; the round-off it adds, grown by the flow,
+    is ~1e-5..1e-4 relative at t = 69 against float64 (measured), below the first-order official
+    scheme's own error over 2 time units (1e-4)."""
+    times = spin_up + spacing * torch.arange(n_frames, dtype=torch.float64)
+
+    def make_batch(idx):
+        w0 = sample_grf(64, [trajectory_seed(split, i) for i in idx], dtype=dtype)
+        frames = solve_navier_stokes(w0, times, viscosity=viscosity, forcing=ns_forcing(64, dtype=dtype))
+        return resample(frames, size, boundary="periodic")
+    return in_batches(make_batch, indices, batch=8, label=f"navier-stokes {split}", verbose=verbose)
 
 
 # ---------------------------------------------------------------------------- shallow water on the sphere
@@ -361,20 +669,18 @@ def _ns_cn_euler_reference(w0, t, *, viscosity=1e-3, forcing=None, dt=1e-3):
 # order; gravity waves and hyperdiffusion implicit, advection and Coriolis explicit. Stable at
 # dt = 600 s at 256x128 (the explicit part is limited by advection, |u| dt / dx ~ 0.4).
 
-SPHERE_RADIUS = 6.37122e6          # m
+# SPHERE_RADIUS, SPHERE_HYPERDIFFUSION and SPHERE_DATA_NLAT stand beside the SPECS table (top).
 SPHERE_OMEGA = 7.292e-5            # 1/s
 SPHERE_GRAVITY = 9.80616           # m/s^2
 SPHERE_MEAN_DEPTH = 1.0e4          # m
-SPHERE_HYPERDIFFUSION = 1.0e5 * SPHERE_RADIUS**2 / 32**2   # m^4/s, Dedalus's "matched at l = 32"
-SPHERE_DATA_NLAT = 128             # the paper's simulation grid: 256 lon x 128 lat (T127)
 SPHERE_HEIGHT_SCALE = 3000.0 / SPHERE_RADIUS   # dataset channel 0: h' in Earth radii x 3000
 SPHERE_VORT_SCALE = 3600.0 * 2.0               # dataset channel 1: zeta in 1/hour x 2
 
 
 def sphere_gauss_latitudes(nlat):
     """Gauss-Legendre nodes mu = sin(lat), north to south, and their quadrature weights (sum 2)."""
-    x, w = np.polynomial.legendre.leggauss(nlat)
-    return x[::-1].copy(), w[::-1].copy()
+    mu, weights = np.polynomial.legendre.leggauss(nlat)
+    return mu[::-1].copy(), weights[::-1].copy()
 
 
 def sphere_legendre(lmax, mu):
@@ -385,9 +691,9 @@ def sphere_legendre(lmax, mu):
     Recurrence in l at fixed m (stable; starts from the sectoral Pbar_m^m), so no factorials appear.
     """
     mu = np.asarray(mu, dtype=np.float64)
-    n = lmax + 2                                   # one extra degree: H_l needs Pbar_{l+1}
+    n_degrees = lmax + 2                           # one extra degree: H_l needs Pbar_{l+1}
     sin_colat = np.sqrt(1.0 - mu**2)
-    P = np.zeros((lmax + 1, n, mu.size))
+    P = np.zeros((lmax + 1, n_degrees, mu.size))
     ms = np.arange(lmax + 1, dtype=np.float64)
     pmm = np.full(mu.shape, math.sqrt(0.5))
     for m in range(lmax + 1):                      # sectoral: Pbar_mm = sqrt((2m+1)/(2m)) s Pbar_m-1,m-1
@@ -395,13 +701,13 @@ def sphere_legendre(lmax, mu):
         if m > 0:
             pmm = pmm * math.sqrt((2 * m + 1) / (2 * m)) * sin_colat
         P[m, m] = pmm
-    for l in range(1, n):                          # Pbar_l = a (mu Pbar_{l-1} - b Pbar_{l-2}) for m < l
+    for l in range(1, n_degrees):                  # Pbar_l = a (mu Pbar_{l-1} - b Pbar_{l-2}) for m < l
         m = ms[: min(l, lmax + 1)][:, None]        # (m, 1)
         a = np.sqrt((4.0 * l * l - 1.0) / (l * l - m * m))
         b = np.sqrt(np.clip(((l - 1.0) ** 2 - m * m) / max(4.0 * (l - 1.0) ** 2 - 1.0, 1.0), 0, None))
         prev2 = P[: m.size, l - 2] if l >= 2 else 0.0
         P[: m.size, l] = a * (mu * P[: m.size, l - 1] - b * prev2)
-    l = np.arange(n, dtype=np.float64)[None, :]
+    l = np.arange(n_degrees, dtype=np.float64)[None, :]
     m = ms[:, None]
     eps = np.sqrt(np.clip((l * l - m * m) / (4.0 * l * l - 1.0), 0, None))   # (m, l): mu P_l = eps_{l+1} P_{l+1} + eps_l P_{l-1}
     H = np.zeros((lmax + 1, lmax + 1, mu.size))
@@ -428,8 +734,8 @@ class SphereTransform:
         if mu is None:
             if nlat < lmax + 1:
                 raise ValueError(f"nlat={nlat} too small for lmax={lmax}: need nlat >= lmax + 1")
-            mu, w = sphere_gauss_latitudes(nlat)
-            self.weights = torch.tensor(w, device=device)                  # (nlat,)
+            mu, weights = sphere_gauss_latitudes(nlat)
+            self.weights = torch.tensor(weights, device=device)            # (nlat,)
         else:
             mu = np.asarray(mu, dtype=np.float64)
             self.weights = None
@@ -552,9 +858,9 @@ class SphereShallowWater:
         im = 1j * T.m[:, None]
         fP = T.legendre_inverse(torch.cat([x[:, 0], x[:, 2], im * chi, im * psi]), T.P)   # (4B, nlat, M)
         fH = T.legendre_inverse(torch.cat([psi, chi]), T.H)                                # (2B, nlat, M)
-        g = T.fourier_inverse(torch.cat([fP[: 2 * B], fP[2 * B: 3 * B] - fH[:B], fP[3 * B:] + fH[B:]]))
-        zeta, h = g[:B], g[B: 2 * B]                                      # (B, nlat, nlon)
-        u, v = g[2 * B: 3 * B] / (R * T.cos_lat[:, None]), g[3 * B:] / (R * T.cos_lat[:, None])
+        fields = T.fourier_inverse(torch.cat([fP[: 2 * B], fP[2 * B: 3 * B] - fH[:B], fP[3 * B:] + fH[B:]]))
+        zeta, h = fields[:B], fields[B: 2 * B]                            # (B, nlat, nlon)
+        u, v = fields[2 * B: 3 * B] / (R * T.cos_lat[:, None]), fields[3 * B:] / (R * T.cos_lat[:, None])
         q = zeta + self.coriolis                                          # absolute vorticity
         fluxes = torch.cat([q * u, q * v, h * u, h * v]) / T.cos_lat[:, None]   # vector fields / cos(lat)
         F = T.fourier_forward(torch.cat([fluxes, 0.5 * (u * u + v * v)]))       # (5B, nlat, M)
@@ -666,9 +972,9 @@ def sphere_williamson2_state(solver, *, alpha=0.0, u0=None):
     u = u0 * (cl * math.cos(alpha) + torch.cos(lon) * mu * math.sin(alpha))
     v = -u0 * torch.sin(lon) * math.sin(alpha) * torch.ones_like(mu)
     s = -torch.cos(lon) * cl * math.sin(alpha) + mu * math.cos(alpha)
-    h = -(R * om * u0 + u0**2 / 2) * s**2 / solver.gravity
+    h_grid = -(R * om * u0 + u0**2 / 2) * s**2 / solver.gravity
     vort, div = T.curl_div(u[None], v[None], R)
-    return torch.stack([vort, div, T.to_spec(h[None])], dim=1)
+    return torch.stack([vort, div, T.to_spec(h_grid[None])], dim=1)
 
 
 # -- The DINo `shallow-water` dataset. Every trajectory is simulated on the paper's grid (256 x 128,
@@ -727,9 +1033,9 @@ def sphere_interpolate(frames, points):
 
 def sphere_random_points(n, seed):
     """n points uniform on the unit sphere (z uniform in [-1, 1], longitude uniform), by seed."""
-    g = torch.Generator().manual_seed(seed)
-    z = 2 * torch.rand(n, generator=g, dtype=torch.float64) - 1
-    lon = 2 * math.pi * torch.rand(n, generator=g, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    z = 2 * torch.rand(n, generator=generator, dtype=torch.float64) - 1
+    lon = 2 * math.pi * torch.rand(n, generator=generator, dtype=torch.float64)
     r = torch.sqrt(1 - z ** 2)
     return torch.stack([r * torch.cos(lon), r * torch.sin(lon), z], -1).float()          # (n, 3)
 
@@ -748,7 +1054,7 @@ def shallow_water_trajectories(split, indices, *, size=64, sim_nlat=SPHERE_DATA_
     would damp the jet itself).
     All trajectories advance together in one batch. threads: torch CPU threads during the run
     (None: leave torch's setting); on a busy machine 1 thread per process is much faster than 2
-    (measured 0.50 vs 0.9-1.6 s per model hour per trajectory), so split big builds over processes.
+    (measured; figures in the README), so split big builds over processes.
     """
     if sim_nlat < 8 or sim_nlat % 2:
         raise ValueError(f"sim_nlat={sim_nlat}: need an even number >= 8")
@@ -759,7 +1065,7 @@ def shallow_water_trajectories(split, indices, *, size=64, sim_nlat=SPHERE_DATA_
     if not indices:
         raise ValueError("indices is empty: give at least one trajectory index")
     seeds = [trajectory_seed(split, i) for i in indices]
-    u_max = [float(np.random.default_rng(s).uniform(60.0, 80.0)) for s in seeds]
+    u_max = [float(np.random.default_rng(seed).uniform(60.0, 80.0)) for seed in seeds]
     steps_per_hour = math.ceil(6 * sim_nlat / SPHERE_DATA_NLAT)
     nu = SPHERE_HYPERDIFFUSION if hyperdiffusion is None else hyperdiffusion
     solver = SphereShallowWater(sim_nlat, dt=3600.0 / steps_per_hour, hyperdiffusion=nu, device=device)
@@ -796,276 +1102,6 @@ def _sphere_run_frames(solver, out_grid, *, stride, u_max, split, size, hours, s
     if not torch.isfinite(frames).all():
         raise RuntimeError("shallow-water simulation blew up (non-finite values); reduce the time step")
     return frames
-
-
-# ---------------------------------------------------------------------------- datasets
-def in_batches(make_batch, indices, *, batch, label="", verbose=False):
-    """Concatenate make_batch(indices[i:i + batch]) over consecutive batches (dim 0).
-
-    Each trajectory depends on its index only, so batching changes speed, never results. Small
-    batches keep the working set in cache, and on a CPU we run single-threaded: these 64x64
-    transforms are too small to share between threads, and on a busy machine threads waiting for
-    each other made generation up to 10x slower (measured)."""
-    indices, out, start = list(indices), [], time.time()
-    threads, last_print = torch.get_num_threads(), start
-    torch.set_num_threads(1)
-    try:
-        for lo in range(0, len(indices), batch):
-            out.append(make_batch(indices[lo:lo + batch]))
-            done, now = min(lo + batch, len(indices)), time.time()
-            if verbose and (now - last_print > 10 or done == len(indices)):  # every 10 s and at the end
-                last_print, spent = now, now - start
-                print(f"  {label}: {done}/{len(indices)} trajectories, {spent:.0f} s, "
-                      f"eta {spent / done * (len(indices) - done):.0f} s", flush=True)
-    finally:
-        torch.set_num_threads(threads)
-    return torch.cat(out)
-
-
-def make_heat(split, indices, size, *, diffusivity=0.1, n_frames=40, spacing=0.25, verbose=False):
-    """(n, n_frames, size, size, 1): GRF(alpha 2.5, tau 7) on the 64x64 cell centres of [-1,1]^2.
-    Solved in float32 (exact in time; ~1e-6 relative round-off), evaluated on size x size."""
-    times = spacing * torch.arange(n_frames)
-
-    def make_batch(idx):
-        u0 = sample_grf(64, [trajectory_seed(split, i) for i in idx])  # (b, 64, 64) float32
-        return resample(solve_heat(u0, times, diffusivity=diffusivity), size, boundary="cosine")
-    return in_batches(make_batch, indices, batch=16, label=f"heat {split}", verbose=verbose)
-
-
-def wave_bump(size, seeds, *, dtype=torch.float64):
-    """Gaussian bumps height * exp(-d^2 / (2 r^2)) on the periodic [-1, 1)^2 grid, r ~ U(0.25,
-    0.30), height ~ U(2, 4), centre uniform (a random periodic shift): (n, size, size)."""
-    draws = torch.stack([torch.rand(4, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-                         for s in seeds])  # (n, 4) noise on the CPU per seed
-    radius, height = 0.25 + 0.05 * draws[:, 0], 2.0 + 2.0 * draws[:, 1]
-    centre = -1.0 + 2.0 * draws[:, 2:]  # (n, 2)
-    xy = planar_coords(size, low=-1.0, high=1.0, cell_centred=False)  # (H, W, 2)
-    d = xy[None] - centre[:, None, None, :]  # (n, H, W, 2)
-    # Sum the periodic images within two periods: the bump is smooth and periodic to ~1e-20.
-    shifts = 2.0 * torch.arange(-2, 3, dtype=torch.float64)
-    dx2 = ((d[..., 0, None] + shifts) ** 2)  # (n, H, W, 5)
-    dy2 = ((d[..., 1, None] + shifts) ** 2)
-    r2 = 2 * radius[:, None, None, None] ** 2
-    bump = torch.exp(-dx2 / r2).sum(-1) * torch.exp(-dy2 / r2).sum(-1)  # separable Gaussian
-    return (height[:, None, None] * bump).to(dtype)
-
-
-def make_wave(split, indices, size, *, speed=1.0 / 16, n_frames=160, spacing=0.25, verbose=False):
-    """(n, n_frames, size, size, 2): bump at rest on the periodic 64x64 grid, channels (u, du/dt).
-    Solved in float32 (exact in time), evaluated on size x size."""
-    times = spacing * torch.arange(n_frames)
-
-    def make_batch(idx):
-        u0 = wave_bump(64, [trajectory_seed(split, i) for i in idx], dtype=torch.float32)
-        frames = solve_wave(u0, torch.zeros_like(u0), times, speed=speed)
-        return resample(frames, size, boundary="periodic")
-    return in_batches(make_batch, indices, batch=4, label=f"wave {split}", verbose=verbose)
-
-
-def make_navier_stokes(split, indices, size, *, viscosity=1e-3, spin_up=30.0, n_frames=40,
-                       spacing=1.0, dtype=torch.float32, verbose=False):
-    """(n, n_frames, size, size, 1): GRF(alpha 2.5, tau 7) vorticity on 64x64, spun up for
-    `spin_up` time units under the paper's forcing, then one frame every `spacing`.
-
-    float32 by default: twice as fast as float64 on a CPU; the round-off it adds, grown by the flow,
-    is ~1e-5..1e-4 relative at t = 69 against float64 (measured), below the first-order official
-    scheme's own error over 2 time units (1e-4)."""
-    times = spin_up + spacing * torch.arange(n_frames, dtype=torch.float64)
-
-    def make_batch(idx):
-        w0 = sample_grf(64, [trajectory_seed(split, i) for i in idx], dtype=dtype)
-        frames = solve_navier_stokes(w0, times, viscosity=viscosity, forcing=ns_forcing(64, dtype=dtype))
-        return resample(frames, size, boundary="periodic")
-    return in_batches(make_batch, indices, batch=8, label=f"navier-stokes {split}", verbose=verbose)
-
-
-@dataclass(frozen=True)
-class PDESpec:
-    """Everything load_dataset needs to know about one PDE's dataset (the paper's table)."""
-    channels: tuple          # names of the S state channels
-    boundary: str            # how the grid continues: 'cosine' (zero-flux walls), 'periodic', 'sphere'
-    spacing: float           # time between frames
-    windows: int             # windows of `window` frames per trajectory
-    trajectories: dict       # split -> paper count (the default)
-    sizes: dict              # split -> paper grid size (H)
-    make: Callable           # make(split, indices, size, verbose=) -> (n, windows * window, H, W, S)
-    coords: Callable         # coords(size) -> (H, W, X) physical positions
-    mask: Callable = lambda size: None  # size -> (H, W) bool default observation mask, or None
-    settings: dict = field(default_factory=dict)  # physical settings, part of the cache key
-    window: int = 20
-    n_in_t: int = 10
-    width_ratio: int = 1     # grid points along W per point along H (the sphere: 2 longitudes per latitude)
-    cut_from: int | None = None  # if set: sets of other sizes are every k-th point of this size's set
-    most: dict | None = None     # split -> largest count allowed, where more than the paper's make sense
-
-
-SPECS = {
-    "heat": PDESpec(
-        channels=("u",), boundary="cosine", spacing=0.25, windows=2, trajectories={"train": 256, "test": 16},
-        sizes={"train": 64, "test": 64}, make=make_heat,
-        coords=lambda size: planar_coords(size, low=-1.0, high=1.0, cell_centred=True),
-        settings=dict(diffusivity=0.1, grf=(2.5, 7.0), domain="[-1,1]^2 cell-centred, Neumann", dtype="float32")),
-    "wave": PDESpec(
-        channels=("u", "du_dt"), boundary="periodic", spacing=0.25, windows=8, trajectories={"train": 64, "test": 4},
-        sizes={"train": 64, "test": 64}, make=make_wave,
-        coords=lambda size: planar_coords(size, low=-1.0, high=1.0, cell_centred=False),
-        settings=dict(speed=1.0 / 16, radius=(0.25, 0.30), height=(2.0, 4.0), domain="[-1,1)^2 periodic", dtype="float32")),
-    "navier-stokes": PDESpec(
-        channels=("vorticity",), boundary="periodic", spacing=1.0, windows=2, trajectories={"train": 256, "test": 16},
-        sizes={"train": 64, "test": 64}, make=make_navier_stokes,
-        coords=lambda size: planar_coords(size, low=0.0, high=1.0, cell_centred=False),
-        settings=dict(viscosity=1e-3, spin_up=30.0, forcing="0.1(sin 2pi(x+y) + cos 2pi(x+y))",
-                      grf=(2.5, 7.0), scheme="IF-RK4 cfl 2.0 float32", domain="[0,1)^2 periodic")),
-    # Simulated at 256x128 (T127) whatever the size asked for; smaller sets are every k-th point of
-    # that set, so every size (and evaluate.py's free points) sees the same simulation.
-    "shallow-water": PDESpec(
-        channels=("height", "vorticity"), boundary="sphere", spacing=1.0, windows=8, trajectories={"train": 8, "test": 2},
-        sizes={"train": 64, "test": 64}, cut_from=SPHERE_DATA_NLAT, width_ratio=2,
-        most={"train": 16, "test": 2},  # a later paper trained on 16 runs: n_trajectories=16
-        make=lambda split, indices, size, verbose=False: shallow_water_trajectories(
-            split, indices, size=size, threads=1, verbose=verbose),
-        coords=sphere_coords, mask=latitude_mask,
-        settings=dict(galewsky_u_max=(60.0, 80.0), hours=(160, 320), sim_nlat=SPHERE_DATA_NLAT,
-                      dt=600.0, hyperdiffusion=SPHERE_HYPERDIFFUSION, scheme="IMEX RK222, 3/2 padding",
-                      units="h'/R*3000, zeta[1/h]*2")),
-}
-CACHE_VERSION = 1  # bump when a generator changes in a way the settings do not show
-
-
-@dataclass
-class PDEData:
-    pde: str                   # 'heat' | 'wave' | 'navier-stokes' | 'shallow-water'
-    split: str                 # 'train' | 'test'
-    frames: torch.Tensor       # (windows, T, H, W, S) float32
-    coords: torch.Tensor       # (H, W, X) physical positions, float32
-    t: torch.Tensor            # (T,) times of the frames within a window, t[0] = 0
-    trajectory: torch.Tensor   # (windows,) long: the trajectory each window came from
-    mask: torch.Tensor | None  # (H, W) bool default observation mask, else None
-    n_in_t: int                # frames inside the training horizon (10 of 20)
-
-
-def _resolve(pde, split, size, n_trajectories):
-    if pde not in SPECS:
-        raise ValueError(f"unknown pde {pde!r}; allowed: {', '.join(PDES)}")
-    spec = SPECS[pde]
-    if split not in spec.trajectories:
-        raise ValueError(f"unknown split {split!r} for {pde}; allowed: {', '.join(spec.trajectories)}")
-    for name, value in (("size", size), ("n_trajectories", n_trajectories)):
-        if value is not None and (isinstance(value, bool) or not float(value).is_integer()):
-            raise ValueError(f"{name} must be a whole number, got {value!r}")
-    size = spec.sizes[split] if size is None else int(size)
-    if size < 4:
-        raise ValueError(f"size must be >= 4 grid points, got {size}")
-    if spec.cut_from and spec.cut_from % size:
-        allowed = [s for s in range(4, spec.cut_from + 1) if spec.cut_from % s == 0]
-        raise ValueError(f"size {size} is not allowed for {pde}: it must divide the simulation grid "
-                         f"{spec.cut_from} (allowed: {', '.join(map(str, allowed))})")
-    n = spec.trajectories[split] if n_trajectories is None else int(n_trajectories)
-    most = (spec.most or spec.trajectories)[split]
-    if not 1 <= n <= most:
-        raise ValueError(f"n_trajectories must be in 1..{most} for {pde} {split}, got {n_trajectories}")
-    # float32 frames, held about three times while a set is built, resampled and serialised
-    need = 3 * 4 * n * spec.windows * spec.window * size * size * spec.width_ratio * len(spec.channels)
-    if need > physical_memory():
-        raise ValueError(f"a {pde} {split} set of {n} trajectories at size {size} needs about "
-                         f"{need / 2**30:.0f} GiB of memory, more than this machine's "
-                         f"{physical_memory() / 2**30:.0f} GiB; choose a smaller size")
-    return spec, size, n
-
-
-def physical_memory():
-    """Bytes of RAM on this machine (the bound for what a dataset or an evaluation may allocate)."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _cache_path(data_dir, pde, split, size, n, settings):
-    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    return os.path.join(data_dir, f"{pde}-{split}-{size}px-{n}traj-{digest}.pt")
-
-
-def _checksum(payload):
-    """SHA-256 of the stored tensors' bytes: a flipped byte anywhere in the data is caught on load
-    (0.1 s per 170 MB; the zip container itself only notices truncation)."""
-    digest = hashlib.sha256()
-    for key in ("frames", "coords", "t", "trajectory", "mask"):
-        if payload[key] is not None:
-            digest.update(payload[key].contiguous().numpy())
-    return digest.hexdigest()
-
-
-def _build(pde, split, size, n, spec, verbose, data_dir):
-    if spec.cut_from and size != spec.cut_from:  # every k-th point of the (cached) full-size set
-        k = spec.cut_from // size
-        frames = load_dataset(pde, split, size=spec.cut_from, data_dir=data_dir, n_trajectories=n,
-                              verbose=verbose).frames[:, :, ::k, ::k]  # (windows, T, H, W, S)
-    else:
-        full = spec.make(split, range(n), size, verbose=verbose)  # (n, windows * window, H, W, S)
-        frames = full[:, : spec.windows * spec.window].reshape(
-            n * spec.windows, spec.window, *full.shape[2:])  # (windows, T, H, W, S), trajectory-major
-    if not torch.isfinite(frames).all():
-        raise RuntimeError(f"{pde} {split}: the generator produced non-finite values")
-    mask = spec.mask(size)
-    return dict(frames=frames.float().contiguous(), coords=spec.coords(size).float(),
-                t=spec.spacing * torch.arange(spec.window, dtype=torch.float32),
-                trajectory=torch.arange(n).repeat_interleave(spec.windows),
-                mask=None if mask is None else mask.bool())
-
-
-def _read_cache(path, settings, expected_shape):
-    """The cached payload, or None with the reason when the file is unreadable, stale or corrupted."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)  # never runs pickled code
-    except Exception as err:  # truncated, not a torch file, ...
-        return None, f"unreadable ({type(err).__name__})"
-    if not isinstance(payload, dict) or payload.get("settings") != settings:
-        return None, "its stored settings differ"
-    if tuple(payload["frames"].shape[:2]) + tuple(payload["frames"].shape[4:]) != expected_shape:
-        return None, "its shapes differ"
-    if payload.get("checksum") != _checksum(payload):
-        return None, "corrupted (checksum mismatch)"
-    return payload, None
-
-
-def load_dataset(pde, split, *, size=None, data_dir="data", n_trajectories=None, device="cpu",
-                 verbose=True):
-    """The paper's dataset for `pde` and `split` as a PDEData (see the dataclass for shapes).
-
-    size: grid points along H (None = the paper's 64); n_trajectories: None = the paper's count,
-    smaller = the first n trajectories of the full set. Generated on the first call and cached in
-    data_dir under a name holding a hash of every setting, with a checksum of the data; a cached
-    file that is unreadable, stale or corrupted is reported in one line and regenerated. Errors:
-    ValueError for bad arguments or a data_dir that cannot hold the cache (checked before any
-    work), OSError when writing the cache fails (nothing is left behind).
-    """
-    spec, size, n = _resolve(pde, split, size, n_trajectories)
-    settings = dict(pde=pde, split=split, size=size, n_trajectories=n, version=CACHE_VERSION,
-                    spacing=spec.spacing, window=spec.window, windows=spec.windows,
-                    channels=len(spec.channels), **spec.settings)
-    settings = json.loads(json.dumps(settings))  # canonical form (tuples -> lists) for comparison
-    path = _cache_path(data_dir, pde, split, size, n, settings)
-    payload = None
-    if os.path.exists(path):
-        payload, problem = _read_cache(path, settings, (n * spec.windows, spec.window, len(spec.channels)))
-        if problem:
-            print(f"cache {path} is {problem}; regenerating it", flush=True)
-    if payload is None:
-        check_writable(data_dir, name="data_dir")
-        start = time.time()
-        if verbose:
-            grid = "x".join(map(str, reversed(spec.coords(size).shape[:2])))  # W x H (sphere: lon x lat)
-            print(f"generating {pde} {split}: {n} trajectories on a {grid} grid -> {path}", flush=True)
-        payload = _build(pde, split, size, n, spec, verbose, data_dir)
-        payload["settings"], payload["checksum"] = settings, _checksum(payload)
-        save_torch(path, payload)
-        if verbose:
-            print(f"generated {pde} {split} in {time.time() - start:.1f} s "
-                  f"({os.path.getsize(path) / 2**20:.1f} MiB)")
-    mask = payload["mask"]
-    return PDEData(pde=pde, split=split, frames=payload["frames"].to(device),
-                   coords=payload["coords"].to(device), t=payload["t"].to(device),
-                   trajectory=payload["trajectory"].to(device),
-                   mask=None if mask is None else mask.to(device), n_in_t=spec.n_in_t)
 
 
 # ---------------------------------------------------------------------------- files and devices
@@ -1129,6 +1165,21 @@ def write_atomic(path, write):
             os.remove(tmp)
 
 
+def load_torch(path, *, kind):
+    """torch.load of a file this project wrote, on the CPU, with weights_only=True: tensors and
+    plain values only, so a crafted file cannot run code. ValueError naming the path otherwise."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"                  # torch.save writes a zip archive
+        if zipped and "Weights only load failed" in str(err):
+            raise ValueError(f"{path!r} holds objects other than tensors and plain values: refused, "
+                             f"loading it could run code") from None
+        raise ValueError(f"{path!r} is " + ("damaged: truncated or corrupted" if zipped else f"not {kind}")
+                         + f" ({type(err).__name__})") from None
+
+
 def save_torch(path, obj):
     """torch.save through write_atomic. Serialised in memory first: torch's own file writer reports
     a full disk as an opaque RuntimeError, Python's file.write as the OSError it is."""
@@ -1159,7 +1210,31 @@ def resolve_device(name):
     return str(device)
 
 
-# ---------------------------------------------------------------------------- benchmark
+def physical_memory():
+    """Bytes of RAM on this machine (the bound for what a dataset or an evaluation may allocate)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# ---------------------------------------------------------------------------- benchmarks
+# Out of the reader's path: nothing above uses this section (python solvers.py --bench).
+def _ns_cn_euler_reference(w0, t, *, viscosity=1e-3, forcing=None, dt=1e-3):
+    """The official data's scheme, for benchmarks only: Crank-Nicolson viscosity + explicit Euler
+    advection and forcing, fixed dt (first order). Same spatial discretisation as ours."""
+    b, nx, ny = w0.shape
+    ops = spectral_ops(nx, ny, dtype=w0.dtype, device=w0.device)
+    f_h = 0.0 if forcing is None else torch.fft.rfft2(forcing)
+    visc = viscosity * ops.lap
+    w_h, now, frames = torch.fft.rfft2(w0), 0.0, []
+    for target in torch.as_tensor(t, dtype=torch.float64).tolist():
+        n_steps = round((target - now) / dt)
+        for _ in range(n_steps):
+            adv_h = ns_advection(w_h, ops)
+            w_h = ((1 - 0.5 * dt * visc) * w_h + dt * (adv_h + f_h)) / (1 + 0.5 * dt * visc)
+        now = target
+        frames.append(torch.fft.irfft2(w_h, s=(nx, ny)))
+    return torch.stack(frames, dim=1).unsqueeze(-1)
+
+
 def bench_navier_stokes(*, batch=8, span=2.0, dtype=torch.float64):
     """Ours (IF-RK4, Courant-bounded step) vs the official scheme (CN + Euler, dt 1e-3) on the same
     batch of spun-up flows over the same span; errors against IF-RK4 at dt 2.5e-3 (Courant ~0.1).

@@ -12,12 +12,11 @@ The paper's schedule (`schedule="epoch"`): the codes step after every minibatch,
 dynamics once per epoch on gradients summed over its minibatches. Within an epoch the networks are
 frozen and every code row is read once, just before its own step, so the whole epoch is ONE step
 on the sum of all windows' losses, each weighted by 1 / (size of its minibatch): that is how it is
-computed here, a few thousand kernels per epoch however many minibatches it has. `schedule=
-"minibatch"` steps all three every minibatch (it reaches the same error 2.7x sooner: README).
+computed here. `schedule="minibatch"` steps all three every minibatch (the same error sooner).
 
-Several processes (torchrun): each owns a fixed shard of the windows with their codes; the network
-gradients are summed across processes, once per step, so the paper's schedule gives the same
-numbers as one process. Codes are never communicated, except into checkpoints.
+Several processes (torchrun): each owns a fixed shard of the windows and their codes; the network
+gradients are summed over processes once per step, so the paper's schedule gives the numbers of
+one process. Codes never travel, except into checkpoints.
 
 Usage:
     python train.py --pde heat                      # quick preset on a CPU, paper on a GPU (1st log line)
@@ -28,8 +27,10 @@ Usage:
 """
 import argparse
 import contextlib
+import inspect
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -44,7 +45,7 @@ from torch import nn
 from autodecode import CodeTable, fit_codes, fit_codes_closed_form
 from dynamics import Dynamics, check_times, epsilon_schedule, restart_mask, rollout, rollout_with_restarts
 from inr import Decoder
-from solvers import SPECS, check_writable, load_dataset, resolve_device, save_torch
+from solvers import SPECS, check_writable, load_dataset, load_torch, observation_mask, resolve_device, save_torch
 
 # ---- configuration: one table, every PDE x preset
 
@@ -92,7 +93,7 @@ PAPER = Config(pde="navier-stokes")   # the official Navier-Stokes settings: the
 QUICK = replace(PAPER, size=32, code_dim=32, dyn_hidden=128, batch_size=16, schedule="minibatch", fit_steps=200)
 CONFIGS = {  # planar [-1, 1] domains map to [0, 0.5] like the official [0, 1) ones; the sphere's xyz
     # are scaled by 0.5 (quick preset: better than 0.25, 1 and 2, README). Quick: small grids, fewer
-    # trajectories, smaller nets, every minibatch steps everything; 5-7 minutes on one CPU core.
+    # trajectories, smaller nets, every minibatch steps everything.
     ("navier-stokes", "paper"): PAPER,
     ("heat", "paper"): replace(PAPER, pde="heat", coord_shift=1.0, coord_scale=0.25),  # no official config
     ("wave", "paper"): replace(PAPER, pde="wave", coord_shift=1.0, coord_scale=0.25, n_train=64, n_test=4,
@@ -138,7 +139,7 @@ def check_config(cfg):
 class DINo(nn.Module):
     """The two trained networks and what it takes to forecast from raw observations: the map from
     physical coordinates to decoder inputs and the test-time fit of alpha_0. Every method takes
-    physical coordinates (..., X) and converts inputs to the model's device and dtype."""
+    physical coordinates (..., X) and moves its inputs to the model's device and dtype."""
 
     def __init__(self, cfg, *, coord_dim, n_channels):
         super().__init__()
@@ -156,15 +157,15 @@ class DINo(nn.Module):
         """Physical positions (..., X) -> decoder inputs (the affine map of the config)."""
         return (self._like(coords) + self.coord_shift) * self.coord_scale
 
-    def fit_codes(self, coords, values, mask=None):
-        """alpha_0 (B, S, D) of observations values (B, N, S) at coords (N, X): FitResult."""
+    def fit_codes(self, coords, values):
+        """alpha_0 (B, S, D) of observations values (B, N, S) at coords (N, X): a FitResult."""
         coords, values = self.map_coords(coords), self._like(values)
         if self.fit == "closed-form":
-            return fit_codes_closed_form(self.decoder, coords, values, mask, ridge=self.ridge.item())
-        return fit_codes(self.decoder, coords, values, mask, steps=self.fit_steps, lr=self.fit_lr)
+            return fit_codes_closed_form(self.decoder, coords, values, ridge=self.ridge.item())
+        return fit_codes(self.decoder, coords, values, steps=self.fit_steps, lr=self.fit_lr)
 
     def forecast_codes(self, coords, values, t):
-        """Fit alpha_0 to values (B, N, S) observed at coords (N, X) at time t[0], integrate
+        """Fit alpha_0 to values (B, N, S) observed at coords (N, X) at time t[0], then integrate
         d alpha/dt = f_psi(alpha) to the times t (T,) -> codes (B, T, S, D)."""
         t = self._like(t)
         check_times(t)
@@ -176,16 +177,14 @@ class DINo(nn.Module):
         code (inr.py), so this is offset(x) + jacobian(x) . alpha: one product, no graph."""
         with torch.no_grad():
             parts = self.decoder.affine_parts(self.map_coords(coords))      # offset (1, N), jacobian (1, N, D)
-            return (self._like(codes) @ parts.jacobian[0].T + parts.offset[0]).transpose(-1, -2)  # (B, T, N, S)
+            return (self._like(codes) @ parts.jacobian[0].T + parts.offset[0]).transpose(-1, -2)
 
     def forecast(self, coords_obs, values_obs, t, coords_query):
         """DINo in one call: values_obs (N, S) observed at coords_obs (N, X) at time t[0] ->
-        forecast (T, Nq, S) at any points coords_query (Nq, X). A leading batch dimension on
-        values_obs, (B, N, S), gives (B, T, Nq, S)."""
+        forecast (T, Nq, S) at any points coords_query (Nq, X). Values (B, N, S) give (B, T, Nq, S)."""
         values = self._like(values_obs)
         single = values.dim() == 2
-        codes = self.forecast_codes(coords_obs, values[None] if single else values, t)
-        pred = self.decode(coords_query, codes)                             # (B, T, Nq, S)
+        pred = self.decode(coords_query, self.forecast_codes(coords_obs, values[None] if single else values, t))
         return pred[0] if single else pred
 
 
@@ -198,15 +197,14 @@ def train_step(run, rows, weight, restart):
     once, each with its own Adam; the networks after their gradients are summed over processes.
     In chunks of windows only where memory needs it (run.chunk, sized from the data). Nothing is
     read back to the host: the losses accumulate on the device in run.loss_sums."""
-    model = run.model
     run.flat_grad.zero_()                                                # every .grad is a view of it
     for chunk in torch.arange(len(rows)).split(run.chunk):
         ids, w = rows[chunk], weight[chunk]
         codes = run.codes(ids).requires_grad_()                          # (R, T, S, D)
-        pred = model.decoder(run.coords, codes)                          # (R, T, N_obs, S)
+        pred = run.model.decoder(run.coords, codes)                      # (R, T, N_obs, S)
         loss_dec = (pred - run.values.index_select(0, ids)).pow(2).mean(dim=(1, 2, 3))     # (R,)
         target = codes.detach()                                          # L_dyn never bends the codes
-        path = rollout_with_restarts(model.dynamics, target, run.t, restart[chunk])      # (R, T, S, D)
+        path = rollout_with_restarts(run.model.dynamics, target, run.t, restart[chunk])  # (R, T, S, D)
         loss_dyn = (path - target).pow(2).mean(dim=(1, 2, 3))            # (R,)
         ((loss_dec + loss_dyn) * w).sum().backward()                     # two graphs, one backward
         run.codes.step(ids, codes.grad)
@@ -248,17 +246,8 @@ def plan_epoch(run, progress):
         steps, iterations = [slice(k * bs, (k + 1) * bs) for k in range(n_batches)], 1
     start = progress.iteration - progress.step * iterations              # iteration at the epoch's start
     eps = torch.tensor([epsilon(cfg, start + k) for k in range(n_batches)])[batch]   # (R,) per iteration
-    device = run.values.device
-    return EpochPlan(rows=to_device(mine - lo, device), weight=to_device(1.0 / size, device),
-                     restart=to_device(restart_mask(uniform[mine], eps), device), steps=steps,
-                     iterations=iterations)
-
-
-def to_device(tensor, device):
-    """A CPU tensor on the run's device without blocking the host (through pinned memory)."""
-    if torch.device(device).type == "cpu":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
+    return EpochPlan(rows=run.to_device(mine - lo), weight=run.to_device(1.0 / size),
+                     restart=run.to_device(restart_mask(uniform[mine], eps)), steps=steps, iterations=iterations)
 
 
 def epsilon(cfg, iteration):
@@ -269,25 +258,16 @@ def epsilon(cfg, iteration):
 # ---- the loop: Alg. 1, with an evaluation and a checkpoint every eval_every iterations
 
 
-@dataclass
-class TrainResult:
-    out: str            # run folder (last.pt, best.pt, log.txt)
-    epoch: int          # epochs completed
-    iteration: int      # minibatches done
-    stopped: str        # 'epochs' | 'minutes' | the signal that stopped it ('SIGINT', 'SIGTERM', 'SIGHUP')
-    best_train: float   # best train In-t relative MSE (selects best.pt)
-    history: list       # one dict per evaluation
-
-
 def train(cfg, *, out, device="cpu", minutes=None, resume=None, data_dir="data", label="", log=print):
     """Train DINo with `cfg` into folder `out` (under torchrun: together with the other processes).
-    resume: a checkpoint dict to continue exactly (written on any device, by any number of processes)."""
+    resume: a checkpoint dict to continue exactly (written on any device, by any number of processes).
+    Returns the Progress, with `stopped` saying why: 'epochs', 'minutes' or the signal's name."""
     check_config(cfg)
     run = setup(cfg, device=device, data_dir=data_dir)
     progress = Progress(rng=run.generator.get_state()) if resume is None else restore(run, resume)
-    say, clock, stopped = Log(out, log if run.group.rank == 0 else None), Clock(progress, minutes, device), None
+    say, clock = Log(out, log if run.group.rank == 0 else None), Clock(progress, minutes, device)
     with stop_requests() as asked:
-        while progress.epoch < cfg.epochs and not stopped:
+        while progress.epoch < cfg.epochs and not progress.stopped:
             plan = plan_epoch(run, progress)
             for s in plan.steps[progress.step:]:
                 train_step(run, plan.rows[s], plan.weight[s], plan.restart[s])
@@ -296,24 +276,23 @@ def train(cfg, *, out, device="cpu", minutes=None, resume=None, data_dir="data",
                     say(summary(run, label, clock, progress))
                 if crossed:
                     evaluate_and_save(run, progress, say, out, clock)
-                stopped = run.group.agree_stop(asked, clock.out_of_time())
-                if stopped:
+                if progress.stop(run.group.agree_stop(asked, clock.out_of_time())):
                     break
-    if stopped in (None, "minutes"):
+    if progress.stopped in (None, "minutes"):
         if not progress.history or progress.history[-1]["iteration"] != progress.iteration:
             evaluate_and_save(run, progress, say, out, clock)
     else:
         progress.elapsed = clock.elapsed()
         save(run, progress, os.path.join(out, "last.pt"))
-        say(f"stopped by {stopped} at epoch {progress.epoch}, iteration {progress.iteration}: saved "
+        say(f"stopped by {progress.stopped} at epoch {progress.epoch}, iteration {progress.iteration}: saved "
             f"{out}/last.pt; continue with: python train.py --out {out} --resume")
-    return TrainResult(out=out, epoch=progress.epoch, iteration=progress.iteration, stopped=stopped or "epochs",
-                       best_train=progress.best_train, history=progress.history)
+    progress.stopped = progress.stopped or "epochs"
+    return progress
 
 
 @dataclass
 class Progress:
-    """Where a run stands: all of it goes into the checkpoint."""
+    """Where a run stands; all of it but `stopped` goes into the checkpoint."""
     rng: torch.Tensor                   # the CPU generator's state at the start of the current epoch
     epoch: int = 0                      # epochs completed
     step: int = 0                       # optimiser steps done in the current epoch
@@ -322,15 +301,20 @@ class Progress:
     elapsed: float = 0.0                # seconds of training, all sessions
     best_train: float = math.inf        # best train In-t so far (selects best.pt)
     history: list = field(default_factory=list)   # one dict per evaluation
+    stopped: str = None                 # why this session stopped, once it has
 
     def advance(self, plan, generator, eval_every):
         """Count one optimiser step; True when it crosses a multiple of eval_every."""
         before = self.iteration
-        self.step, self.iteration, self.losses = self.step + 1, self.iteration + plan.iterations, \
-            self.losses + plan.iterations
+        self.step, self.iteration = self.step + 1, self.iteration + plan.iterations
+        self.losses += plan.iterations
         if self.step == len(plan.steps):                                # the epoch is done
             self.epoch, self.step, self.rng = self.epoch + 1, 0, generator.get_state()
         return self.iteration // eval_every > before // eval_every
+
+    def stop(self, reason):
+        self.stopped = reason
+        return reason is not None
 
 
 # ---- evaluation during training: train (selection), ridge (fit), test (report only)
@@ -358,7 +342,7 @@ def train_sums(run):
 def choose_ridge(run):
     """The ridge weight of the closed-form fit (one of RIDGES) whose alpha_0, fitted to frame 0 of
     every training window and integrated, forecasts the training horizon best: chosen on training
-    data only, by the same metric that selects best.pt (README explains why a ridge is needed)."""
+    data only, by the metric that selects best.pt (README: why the fit needs a ridge)."""
     scores = []
     for ridge in RIDGES:
         alpha0 = fit_codes_closed_form(run.model.decoder, run.coords, run.values[:, 0], ridge=ridge).codes
@@ -381,26 +365,25 @@ def test_metric(run):
 
 
 def evaluate_and_save(run, progress, say, out, clock):
-    """The metrics, one log line, then last.pt (and best.pt when train In-t improved). A non-finite
-    loss or parameter stops the run (NonFiniteLoss) before anything is saved."""
-    cfg = run.cfg
+    """The metrics and one log line, then last.pt (and best.pt when train In-t improved). A
+    non-finite loss, parameter or metric stops the run (NonFiniteLoss) before anything is saved."""
+    cfg, group = run.cfg, run.group
     state = [p.detach().sum() for p in run.model.parameters()] + [run.loss_sums.sum(), run.codes.weight.sum()]
-    if run.group.any(not torch.isfinite(torch.stack(state)).all()):
+    sums = [math.nan] * 4
+    if not group.any(not torch.isfinite(torch.stack(state)).all()):
+        sums = group.sum_(torch.cat([run.loss_sums, train_sums(run)])).tolist()
+    if not all(map(math.isfinite, sums)):                               # e.g. a non-finite training value
         raise NonFiniteLoss(f"at epoch {progress.epoch}, iteration {progress.iteration}")
-    sums = run.group.sum_(torch.cat([run.loss_sums, train_sums(run)])).tolist()
-    if not all(map(math.isfinite, sums)):                           # e.g. a non-finite training value
-        raise NonFiniteLoss(f"losses and train metric {sums} at epoch {progress.epoch}, iteration {progress.iteration}")
     entry = {"epoch": progress.epoch, "iteration": progress.iteration, "epsilon": epsilon(cfg, progress.iteration),
              "loss_dec": sums[0] / max(progress.losses, 1), "loss_dyn": sums[1] / max(progress.losses, 1),
              "train_in_t": sums[2] / max(sums[3], 1e-30), "test_in_t": None, "test_out_t": None}
     if cfg.fit == "closed-form":
-        run.model.ridge.fill_(choose_ridge(run))
-        entry["ridge"] = run.model.ridge.item()
-    if run.group.rank == 0:
+        entry["ridge"] = run.model.ridge.fill_(choose_ridge(run)).item()
+    if group.rank == 0:
         entry["test_in_t"], entry["test_out_t"] = test_metric(run)
     run.loss_sums.zero_()
-    progress.losses = 0
-    entry["elapsed"] = progress.elapsed = clock.elapsed()
+    progress.losses, entry["elapsed"] = 0, clock.elapsed()
+    progress.elapsed = entry["elapsed"]
     say(f"epoch {entry['epoch']} | iter {entry['iteration']} | eps {entry['epsilon']:.3f} | dec {entry['loss_dec']:.2e} | "
         f"dyn {entry['loss_dyn']:.2e} | train In-t {entry['train_in_t']:.2e} | test In-t {entry['test_in_t'] or 0:.2e} "
         f"Out-t {entry['test_out_t'] or 0:.2e}" + (f" | ridge {entry['ridge']:.0e}" if "ridge" in entry else "")
@@ -422,7 +405,6 @@ class BadData(ValueError):
 
 
 # ---- data and set-up
-
 
 STEP_ELEMENTS = 2 ** 26  # (window, frame, point, channel) values per chunk of a training step: 256 MiB in float32
 
@@ -448,6 +430,11 @@ class Run:
     test: object                    # PDEData: the test split (report only)
     chunk: int                      # windows per chunk of a training step (memory)
     loss_sums: torch.Tensor         # (2,) weighted L_dec and L_dyn since the last evaluation
+
+    def to_device(self, tensor):
+        """A CPU tensor on the run's device without blocking the host (through pinned memory)."""
+        on_cpu = self.values.device.type == "cpu"
+        return tensor if on_cpu else tensor.pin_memory().to(self.values.device, non_blocking=True)
 
 
 def setup(cfg, *, device, data_dir):
@@ -480,7 +467,7 @@ def setup(cfg, *, device, data_dir):
 
 
 def load_data(cfg, *, device, data_dir, group):
-    """(train, test) PDEData; under torchrun process 0 builds a missing cache, alone, first."""
+    """(train, test) PDEData; under torchrun process 0 builds a missing cache first, alone."""
     def load(verbose):
         return [load_dataset(cfg.pde, split, size=cfg.size, data_dir=data_dir, n_trajectories=n, device=device,
                              verbose=verbose) for split, n in (("train", cfg.n_train), ("test", cfg.n_test))]
@@ -493,23 +480,6 @@ def load_data(cfg, *, device, data_dir, group):
     if group.any(error is not None):                                # the others wait here, then read it
         raise BadData(str(error) if error else "process 0 could not load the data (see its message)")
     return sets or load(verbose=False)
-
-
-def observation_mask(data, rate, seed):
-    """(H, W) bool: the points a run observes. The PDE's own mask (sphere: latitude thinning)
-    AND, for rate < 1, a uniform random draw of that fraction of the grid (paper: 5/25/100%).
-    Drawn on the CPU from its own generator so a seed gives the same mask on any device."""
-    if not 0 < rate <= 1:
-        raise ValueError(f"subsampling rate {rate} is outside (0, 1]")
-    H, W = data.coords.shape[:2]
-    mask = torch.ones(H, W, dtype=torch.bool)
-    if data.mask is not None:
-        mask &= data.mask.cpu()
-    if rate < 1.0:
-        mask &= torch.rand(H, W, generator=torch.Generator().manual_seed(seed)) < rate
-    if not mask.any():
-        raise ValueError(f"subsampling rate {rate} leaves no observed point on a {H}x{W} grid")
-    return mask.to(data.coords.device)
 
 
 # ---- several processes (torchrun): shards of windows, summed gradients, agreed decisions
@@ -527,35 +497,22 @@ class Group:
         """[(lo, hi)] per process: contiguous blocks of the n windows, sizes differing by at most one."""
         return [(r * n // self.world, (r + 1) * n // self.world) for r in range(self.world)]
 
-    def sum_(self, tensor):
-        """Sum over processes, in place (NCCL on CUDA, gloo on CPU)."""
+    def sum_(self, tensor, op="SUM"):
+        """Reduce over processes, in place (NCCL on CUDA, gloo on CPU)."""
         if self.world > 1:
-            dist.all_reduce(tensor)
+            dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
         return tensor
 
     def any(self, flag):
         """True in every process when `flag` is true in any (one small all-reduce)."""
-        if self.world == 1:
-            return bool(flag)
-        return bool(self.sum_(torch.tensor([float(flag)], device=self.device)).item())
+        return bool(flag) if self.world == 1 else bool(self.sum_(torch.tensor([float(flag)], device=self.device)))
 
     def agree_stop(self, asked, out_of_time):
         """None, or why every process stops now: a stop signal in any process, or the time budget."""
         sig = max(asked, default=0)
         if self.world > 1:                                          # a signal anywhere stops everyone
-            flags = torch.tensor([sig, int(out_of_time)], device=self.device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            sig, out_of_time = flags.tolist()
+            sig, out_of_time = self.sum_(torch.tensor([sig, int(out_of_time)], device=self.device), "MAX").tolist()
         return signal.Signals(sig).name if sig else "minutes" if out_of_time else None
-
-    def same_everywhere(self, flat):
-        """Check that every process holds the same numbers `flat` (the networks: they take the same
-        steps on the same summed gradients); returns each process's fingerprint (sum, sum of squares)."""
-        mine = torch.stack([flat.double().sum(), flat.double().square().sum()])
-        prints = self.gather_rows(mine[None], self.world).tolist()
-        if any(p != prints[0] for p in prints):
-            raise RuntimeError(f"the processes hold different networks (fingerprints {prints}): a bug")
-        return prints
 
     def gather_rows(self, tensor, n):
         """(n, ...): every process's shard of rows, in window order (all processes take part)."""
@@ -581,7 +538,7 @@ def start_processes(device):
     return device
 
 
-# ---- checkpoints: complete, one file whatever the number of processes, any device, no code on load
+# ---- checkpoints: one complete file whatever the number of processes, any device, no code on load
 
 FORMAT = "dino-run/2"  # tag that tells our checkpoints from foreign files (2: per-row code Adam)
 KEYS = {"format", "config", "coord_dim", "n_channels", "mask", "world_size", "model", "codes", "optimiser",
@@ -589,18 +546,22 @@ KEYS = {"format", "config", "coord_dim", "n_channels", "mask", "world_size", "mo
 
 
 def save(run, progress, path):
-    """Write a checkpoint from process 0 (every process sends its code rows), all-or-nothing."""
+    """Write a checkpoint from process 0 (every process sends its code rows), all-or-nothing. The
+    processes' networks must be equal (same steps on the same summed gradients): checked here."""
     codes = {k: run.group.gather_rows(v, run.n_windows).cpu() for k, v in run.codes.state_dict().items()}
-    fingerprints = run.group.same_everywhere(torch.cat([p.detach().reshape(-1) for p in run.model.parameters()]))
+    flat = torch.cat([p.detach().reshape(-1) for p in run.model.parameters()]).double()
+    prints = run.group.gather_rows(torch.stack([flat.sum(), flat.square().sum()])[None], run.group.world)
+    if not (prints == prints[0]).all():
+        raise RuntimeError(f"the processes hold different networks (fingerprints {prints.tolist()}): a bug")
     error = None
     if run.group.rank == 0:
-        state = {"format": FORMAT, "config": asdict(run.cfg), "coord_dim": run.points.shape[-1],
-                 "n_channels": run.values.shape[-1], "mask": run.mask.cpu(), "world_size": run.group.world,
-                 "model": {k: v.cpu() for k, v in run.model.state_dict().items()}, "codes": codes,
-                 "optimiser": run.optimiser.state_dict(), "loss_sums": run.loss_sums.cpu(), "fingerprints": fingerprints,
-                 "progress": {f.name: getattr(progress, f.name) for f in fields(progress)}}
         try:
-            save_torch(path, state)
+            save_torch(path, {
+                "format": FORMAT, "config": asdict(run.cfg), "coord_dim": run.points.shape[-1],
+                "n_channels": run.values.shape[-1], "mask": run.mask.cpu(), "world_size": run.group.world,
+                "model": {k: v.cpu() for k, v in run.model.state_dict().items()}, "codes": codes,
+                "optimiser": run.optimiser.state_dict(), "loss_sums": run.loss_sums.cpu(),
+                "progress": {f.name: getattr(progress, f.name) for f in fields(progress) if f.name != "stopped"}})
         except OSError as err:
             error = err
     if run.group.any(error is not None):
@@ -626,22 +587,12 @@ def restore(run, state):
 
 
 def load_checkpoint(path):
-    """One of our checkpoints, as a dict on the CPU. Loaded with weights_only=True: tensors and
-    plain values only, so a crafted file cannot run code. ValueError naming the path otherwise."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "best.pt")
+    """One of our checkpoints (a run folder means its best.pt), as a dict on the CPU: loaded with
+    weights_only=True, so a crafted file cannot run code. ValueError naming the path otherwise."""
+    path = os.path.join(path, "best.pt") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path!r} does not exist (give a run folder or a .pt file written by train.py)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        with open(path, "rb") as f:
-            torch_file = f.read(4) == b"PK\x03\x04"                 # torch.save writes a zip archive
-        if torch_file and "Weights only load failed" in str(err):
-            raise ValueError(f"checkpoint {path!r} holds objects other than tensors and plain values: "
-                             f"refused, loading it could run code") from None
-        raise ValueError(f"checkpoint {path!r} " + ("is damaged: truncated or corrupted" if torch_file else
-                                                    "is not a train.py checkpoint") + f" ({type(err).__name__})") from None
+    state = load_torch(path, kind="a train.py checkpoint")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"checkpoint {path!r} is not a train.py checkpoint (no {FORMAT!r} tag)")
     if KEYS - state.keys():
@@ -665,9 +616,6 @@ def model_from_checkpoint(state, device="cpu"):
 # ---- signals, time and the log
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
 @contextlib.contextmanager
 def stop_requests():
     """Ctrl-C, SIGTERM (sent by Slurm, docker, systemd, timeout) and SIGHUP ask the loop to stop
@@ -677,7 +625,8 @@ def stop_requests():
     if threading.current_thread() is not threading.main_thread():
         yield asked
         return
-    previous = {s: signal.signal(s, lambda signum, frame: asked.append(signum)) for s in STOP_SIGNALS}
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, lambda signum, frame: asked.append(signum)) for s in stops}
     try:
         yield asked
     finally:
@@ -690,45 +639,40 @@ class Clock:
 
     def __init__(self, progress, minutes, device):
         self.start, self.before, self.minutes, self.device = time.time(), progress.elapsed, minutes, device
-        self.first_iteration, self.steps, self.first_step = progress.iteration, 0, None
+        self.first_iteration, self.first_step = progress.iteration, None
 
     def tick(self):
-        """Count a step; True after the first one (timed: a GPU is waited for, this once)."""
-        self.steps += 1
-        if self.steps == 1:
-            if self.device.startswith("cuda"):
-                torch.cuda.synchronize(self.device)
-            self.first_step = time.time() - self.start
-        return self.steps == 1
-
-    def session(self):
-        return time.time() - self.start
+        """True after the first step of the session, which it times (waiting for a GPU, this once)."""
+        if self.first_step is not None:
+            return False
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+        self.first_step = time.time() - self.start
+        return True
 
     def elapsed(self):
-        return self.before + self.session()
+        return self.before + time.time() - self.start
 
     def out_of_time(self):
-        return self.minutes is not None and self.session() >= 60 * self.minutes
+        return self.minutes is not None and time.time() - self.start >= 60 * self.minutes
 
     def eta(self, progress, total_iterations):
-        rate = self.session() / max(progress.iteration - self.first_iteration, 1)
-        eta = rate * (total_iterations - progress.iteration)
-        return eta if self.minutes is None else min(eta, 60 * self.minutes - self.session())
+        session = time.time() - self.start
+        eta = session / max(progress.iteration - self.first_iteration, 1) * (total_iterations - progress.iteration)
+        return eta if self.minutes is None else min(eta, 60 * self.minutes - session)
 
 
 def summary(run, label, clock, progress):
     """The first log line: what is trained, where, and how long it will take."""
-    cfg, n_obs = run.cfg, int(run.mask.sum())
-    world = run.group.world
+    cfg, world = run.cfg, run.group.world
     batch = f"{cfg.batch_size} per process, {world * cfg.batch_size} in all" if world > 1 and \
         cfg.schedule == "minibatch" else f"{cfg.batch_size}"
-    epoch = clock.first_step * (1 if cfg.schedule == "epoch" else run.iterations_per_epoch)
-    remaining = (cfg.epochs - progress.epoch) * epoch
+    per_epoch = clock.first_step * (1 if cfg.schedule == "epoch" else run.iterations_per_epoch)
     return (f"{cfg.pde} | {label or 'config given'} | {cfg.epochs} epochs of {run.n_windows} windows x {len(run.t)} "
-            f"frames, {n_obs}/{run.mask.numel()} points observed | decoder {count(run.model.decoder):,} + dynamics "
-            f"{count(run.model.dynamics):,} parameters | schedule {cfg.schedule}, minibatch {batch} | {world} "
-            f"process(es) on {run.group.device} | first step {clock.first_step:.2f} s:"
-            f" about {hms(remaining)} of training to go (evaluations add some)\n"
+            f"frames, {int(run.mask.sum())}/{run.mask.numel()} points observed | decoder {count(run.model.decoder):,}"
+            f" + dynamics {count(run.model.dynamics):,} parameters | schedule {cfg.schedule}, minibatch {batch} | "
+            f"{world} process(es) on {run.group.device} | first step {clock.first_step:.2f} s: about "
+            f"{hms((cfg.epochs - progress.epoch) * per_epoch)} of training to go (evaluations add some)\n"
             f"metrics: relative MSE (MSE / mean square of truth); train In-t selects best.pt, test is reported only")
 
 
@@ -748,78 +692,49 @@ class Log:
         self.path, self.echo = os.path.join(out, "log.txt"), echo
 
     def __call__(self, text):
-        if self.echo is None:
-            return
-        self.echo(text)
-        try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            with open(self.path, "a") as f:
-                f.write(text + "\n")
-        except OSError as err:
-            raise OSError(f"cannot write {self.path}: {err.strerror or err}") from None
+        if self.echo is not None:
+            self.echo(text)
+            try:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                with open(self.path, "a") as f:
+                    f.write(text + "\n")
+            except OSError as err:
+                raise OSError(f"cannot write {self.path}: {err.strerror or err}") from None
 
 
-# ---- command line
+# ---- command line: every Config field is a flag (--code-dim 64), its help the field's comment
 
-
-FLAGS = ("subsampling", "mask_seed", "schedule", "seed", "epochs")   # config fields with their own flag
+RANK = int(os.environ.get("RANK", 0))                               # under torchrun only process 0 prints
+FIELDS = [f.name for f in fields(Config) if f.name != "pde"]
 
 
 def parser():
     p = argparse.ArgumentParser(prog="train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Train DINo (decoder, codes and latent dynamics) on one PDE.\n"
-                                            + __doc__[__doc__.index("Usage:"):].rstrip(),
-                                epilog="config fields for --set (the Config table in train.py): "
-                                       + ", ".join(f.name for f in fields(Config) if f.name not in FLAGS + ("pde",)))
+                                            + __doc__[__doc__.index("Usage:"):].rstrip())
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n" if RANK == 0 else "")
     p.add_argument("--pde", choices=SPECS, help="which dataset (required unless --resume)")
-    p.add_argument("--preset", choices=PRESETS, help="'paper': the official sizes and schedule (hours on a GPU); "
-                   "'quick': small grid and nets, 5-7 minutes on one CPU core (default: paper on CUDA, else quick)")
+    p.add_argument("--preset", choices=PRESETS, help="'paper': the official sizes and schedule; 'quick': small "
+                   "grids and nets (default: paper on CUDA, quick on a CPU)")
     p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--subsampling", type=float, metavar="RATE",
-                   help="fraction of grid points observed, in (0, 1] (paper: 0.05, 0.25, 1); a random mask drawn "
-                        "with --mask-seed; the sphere always uses its latitude-thinning mask as well")
-    p.add_argument("--mask-seed", type=int, help="seed of the observation mask (default 0)")
-    p.add_argument("--schedule", choices=SCHEDULES, help="'epoch': decoder and dynamics step once per epoch "
-                   "(paper); 'minibatch': every minibatch (default: the preset's)")
-    p.add_argument("--seed", type=int, help="seed of initialisation, shuffling and restarts (default 0)")
-    p.add_argument("--epochs", type=int, help="train until this many epochs in total (default: the preset's)")
     p.add_argument("--minutes", type=float, help="stop after this many minutes of this session (checkpointed)")
-    p.add_argument("--out", help="run folder (default runs/PDE-PRESET); holds last.pt, best.pt, log.txt")
+    p.add_argument("--out", help="run folder (default runs/PDE-PRESET): last.pt, best.pt, log.txt")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     p.add_argument("--data-dir", default="data", help="dataset cache folder (default: data)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; on a busy "
-                                               "machine 1 is often much faster)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set code_dim=64 (repeatable; see the list below)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (on a busy machine 1 is often faster)")
+    table = p.add_argument_group("config fields (default: the preset's; the Config table in train.py)")
+    comments = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))
+    for name, kind in typing.get_type_hints(Config).items():
+        if name != "pde":
+            table.add_argument(f"--{name.replace('_', '-')}", type=kind, metavar=kind.__name__.upper(),
+                               help=comments[name].replace("%", "%%"))
     return p
-
-
-RANK = int(os.environ.get("RANK", 0))   # under torchrun only process 0 prints
-
-
-def override(cfg, assignments):
-    """Apply `key=value` strings, typed by the Config field; unknown keys are errors."""
-    types = typing.get_type_hints(Config)
-    allowed = [k for k in types if k not in FLAGS + ("pde",)]
-    changes = {}
-    for item in assignments:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or key not in allowed:
-            flag = f" (use --{key.replace('_', '-')})" if key in FLAGS else ""
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of: {', '.join(allowed)}{flag}")
-        try:
-            changes[key] = types[key](text.strip())
-        except ValueError:
-            raise ValueError(f"--set {item!r}: {key} needs a {types[key].__name__}") from None
-    return replace(cfg, **changes)
 
 
 def resolve(args):
     """The run's (config, checkpoint to resume or None, out folder, device, label) or ValueError."""
     device = resolve_device(args.device)
-    flags = {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}
+    given = {name: getattr(args, name) for name in FIELDS if getattr(args, name) is not None}
     if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes >= 0):
         raise ValueError(f"--minutes {args.minutes} must be a finite number >= 0")
     if args.threads is not None and args.threads < 1:
@@ -828,24 +743,21 @@ def resolve(args):
         if args.out is None:
             raise ValueError("--resume needs --out RUN_FOLDER (the run to continue)")
         state = load_checkpoint(os.path.join(args.out, "last.pt"))
-        cfg = replace(Config(**state["config"]), **flags)
-        if args.pde not in (None, cfg.pde) or args.preset or args.set or set(flags) - {"epochs"}:
+        cfg, done = replace(Config(**state["config"]), **given), state["progress"]["epoch"]
+        if args.pde not in (None, cfg.pde) or args.preset or set(given) - {"epochs"}:
             raise ValueError(f"--resume continues {args.out!r} with its own settings ({cfg.pde}); only "
                              f"--epochs, --minutes, --device, --threads and --data-dir may be given")
-        done = state["progress"]["epoch"]
         if cfg.epochs <= done:
             raise ValueError(f"--epochs {cfg.epochs}: the run in {args.out!r} is already at epoch {done}; "
                              f"give a larger --epochs to continue it")
-        check_config(cfg)
         check_writable(args.out)
         return cfg, state, args.out, device, f"resumed at epoch {done}"
     if args.pde is None:
         raise ValueError(f"--pde is required; allowed: {', '.join(SPECS)}")
     preset = args.preset or ("paper" if device.startswith("cuda") else "quick")
-    label = f"preset {preset}" + ("" if args.preset else f" (the default on {device.split(':')[0].upper()}"
-                                  f"; --preset {'quick' if preset == 'paper' else 'paper'} for the other)")
-    cfg = replace(override(CONFIGS[(args.pde, preset)], args.set), **flags)
-    check_config(cfg)
+    label = f"preset {preset}" + ("" if args.preset else f" (the default on {device.split(':')[0].upper()}; "
+                                  f"--preset {'quick' if preset == 'paper' else 'paper'} for the other)")
+    cfg = replace(CONFIGS[(args.pde, preset)], **given)
     out = args.out or os.path.join("runs", f"{cfg.pde}-{preset}")
     if os.path.exists(os.path.join(out, "last.pt")):
         raise ValueError(f"--out {out!r} already holds a run (last.pt); pass --resume to continue it "
@@ -858,6 +770,7 @@ def main(argv=None):
     args = parser().parse_args(argv)
     try:
         cfg, state, out, device, label = resolve(args)
+        check_config(cfg)
     except ValueError as err:
         parser().error(str(err))
     if args.threads is not None:
@@ -868,7 +781,7 @@ def main(argv=None):
     except BadData as err:
         parser().error(str(err))
     except (NonFiniteLoss, OSError) as err:
-        why = f"non-finite loss or parameters ({err}); try a smaller learning rate (--set lr_decoder=...)" \
+        why = f"non-finite loss or parameters ({err}); try a smaller learning rate (--lr-decoder ...)" \
             if isinstance(err, NonFiniteLoss) else str(err)
         if RANK == 0:
             print(f"train.py: stopped: {why}. The last good checkpoint, if any, is {out}/last.pt", file=sys.stderr)
