@@ -129,16 +129,7 @@ def fit_codes(decoder, coords, values, mask=None, *, steps=300, lr=1e-2, init=No
     if codes.shape[:2] != (n_batch, n_channels):
         raise ValueError(f"init must be (B={n_batch}, S={n_channels}, D), got shape {tuple(codes.shape)}")
 
-    with torch.no_grad():
-        parts = decoder.affine_parts(coords) if hasattr(decoder, "affine_parts") else None
-
-    def decode(c):                                                      # (B, S, D) -> (B, N, S)
-        if parts is None:
-            return decoder(coords, c)
-        if parts.jacobian.shape[0] == 1:                                # shared points: one matmul
-            return (parts.offset[0] + c @ parts.jacobian[0].T).transpose(1, 2)
-        return parts.offset[..., None] + parts.jacobian @ c.transpose(1, 2)  # per-sample points
-
+    decode = _fast_decode(decoder, coords)
     codes.requires_grad_(True)
     opt = torch.optim.Adam([codes], lr=lr)
     best_loss = values.new_full((n_batch,), float("inf"))
@@ -156,6 +147,18 @@ def fit_codes(decoder, coords, values, mask=None, *, steps=300, lr=1e-2, init=No
             (codes.grad,) = torch.autograd.grad(loss.sum(), codes)
             opt.step()
     return _checked(FitResult(codes=best_codes, loss=best_loss))
+
+
+def _fast_decode(decoder, coords):
+    """codes (B, S, D) -> values (B, N, S) at fixed coords: through the decoder's affine parts when
+    it has them (computed once; then one small product per call), else decoder(coords, codes)."""
+    if not hasattr(decoder, "affine_parts"):
+        return lambda c: decoder(coords, c)
+    with torch.no_grad():
+        parts = decoder.affine_parts(coords)
+    if parts.jacobian.shape[0] == 1:                                    # shared points: one matmul
+        return lambda c: (parts.offset[0] + c @ parts.jacobian[0].T).transpose(1, 2)
+    return lambda c: parts.offset[..., None] + parts.jacobian @ c.transpose(1, 2)   # per-sample points
 
 
 def _checked(result):
@@ -267,7 +270,8 @@ def benchmark(*, repeats=5, threads=1, anchor=False):
 
     anchor=True then also times the decoder's forward + backward over the same batch through
     `decode_direct` (the equations run per code, the official code's way), once, after the peak
-    memory is read: a same-machine, same-load reference for the speed-up (about 15 s, 3 GiB)."""
+    memory is read: a same-machine, same-load reference for the speed-up. One function on purpose:
+    it reads as one script, set-up, the timed iteration, the timed fits, the report."""
     from dynamics import Dynamics, restart_mask, rollout_with_restarts   # only the benchmark needs them
     from inr import Decoder
     torch.set_num_threads(threads)

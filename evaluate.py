@@ -24,14 +24,15 @@ For your own data, DINo in one call: `model = load_model(run)`, then
 import argparse
 import json
 import os
+import pathlib
 
 import matplotlib
 import numpy as np
 import torch
 
-from solvers import (SPECS, check_writable, interpolate, load_dataset, physical_memory, resolve_device,
-                     sphere_interpolate, sphere_random_points, write_atomic)
-from train import FITS, load_checkpoint, model_from_checkpoint, observation_mask, relative_mse
+from solvers import (SPECS, check_writable, interpolate, load_dataset, observation_mask, physical_memory,
+                     resolve_device, sphere_interpolate, sphere_random_points, write_atomic)
+from train import FITS, load_checkpoint, model_from_checkpoint, relative_mse
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -49,28 +50,22 @@ def load_model(path, device="cpu"):
 def mse_table(pred, truth, observed, n_in_t):
     """MSE and relative MSE for In-t / Out-t x In-s / Out-s / all points.
     pred, truth (B, T, N, S); observed (N,) bool. Empty cells (no unobserved point) are None."""
-    table = {"mse": {}, "rel_mse": {}}
+    table = {"mse": {"in_t": {}, "out_t": {}}, "rel_mse": {"in_t": {}, "out_t": {}}}
     for time_name, frames in (("in_t", slice(0, n_in_t)), ("out_t", slice(n_in_t, None))):
-        for kind in table:
-            table[kind][time_name] = {}
         for space_name, points in (("in_s", observed), ("out_s", ~observed), ("all", slice(None))):
             p, y = pred[:, frames][:, :, points], truth[:, frames][:, :, points]
-            empty = p.numel() == 0
-            table["mse"][time_name][space_name] = None if empty else (p - y).pow(2).mean().item()
-            table["rel_mse"][time_name][space_name] = None if empty else relative_mse(p, y)
+            table["mse"][time_name][space_name] = (p - y).pow(2).mean().item() if p.numel() else None
+            table["rel_mse"][time_name][space_name] = relative_mse(p, y) if p.numel() else None
     return table
 
 
 def format_table(table):
-    def cell(v):
-        return f"{v:10.3e}" if v is not None else f"{'-':>10}"
-    lines = [f"{'':6}{'MSE':>33}   {'relative MSE':>33}",
-             f"{'':6}" + "".join(f"{h:>11}" for h in ("In-s", "Out-s", "all")) + "   "
-             + "".join(f"{h:>11}" for h in ("In-s", "Out-s", "all"))]
+    heads = "".join(f"{h:>11}" for h in ("In-s", "Out-s", "all"))
+    lines = [f"{'':6}{'MSE':>33}   {'relative MSE':>33}", f"{'':6}{heads}   {heads}"]
     for name, label in (("in_t", "In-t"), ("out_t", "Out-t")):
-        row = [cell(table["mse"][name][k]) for k in ("in_s", "out_s", "all")]
-        rel = [cell(table["rel_mse"][name][k]) for k in ("in_s", "out_s", "all")]
-        lines.append(f"{label:6}" + " ".join(row) + "    " + " ".join(rel))
+        cells = [[f"{v:10.3e}" if v is not None else f"{'-':>10}" for v in table[kind][name].values()]
+                 for kind in ("mse", "rel_mse")]
+        lines.append(f"{label:6}" + " ".join(cells[0]) + "    " + " ".join(cells[1]))
     return "\n".join(lines)
 
 
@@ -123,13 +118,9 @@ def evaluate(path, *, device="cpu", split="test", subsampling=None, mask_seed=No
     out = out or default_out(path, cfg, split, subsampling, mask_seed, resolution, points)
     check_writable(out)
 
-    data = load_dataset(cfg.pde, split, size=resolution, data_dir=data_dir, n_trajectories=n_traj, device=device)
-    observed, how = observed_points(state, cfg, data, rate=rate, seed=seed, resolution=resolution,
-                                    data_dir=data_dir)
+    data, observed, how, codes, pred = forecast_split(state, model, cfg, split=split, resolution=resolution,
+                                                      rate=rate, seed=seed, data_dir=data_dir, device=device)
     truth = data.frames.flatten(2, 3)                                     # (B, T, N, S)
-    coords = data.coords.flatten(0, 1)                                    # (N, X) physical
-    codes = model.forecast_codes(coords[observed], truth[:, 0, observed], data.t)   # (B, T, S, D)
-    pred = model.decode(coords, codes)                                    # (B, T, N, S)
     grid = "x".join(str(n) for n in reversed(data.coords.shape[:2]))     # W x H (sphere: lon x lat)
     fitted = f"closed form, ridge {model.ridge.item():.0e}" if model.fit == "closed-form" else \
         f"{model.fit_steps} Adam steps"
@@ -141,7 +132,7 @@ def evaluate(path, *, device="cpu", split="test", subsampling=None, mask_seed=No
     if points is not None:
         metrics["points"] = free_form(model, cfg, codes, split=split, resolution=resolution, n_points=points,
                                       seed=seed, n_in=data.n_in_t, data_dir=data_dir, device=device)
-    write_atomic(os.path.join(out, "metrics.json"), lambda tmp: write_json(tmp, metrics))
+    write_atomic(os.path.join(out, "metrics.json"), lambda tmp: pathlib.Path(tmp).write_text(json.dumps(metrics, indent=1)))
     log(f"{cfg.pde} | {metrics['checkpoint']} (epoch {metrics['epoch']}, iteration {metrics['iteration']}) | "
         f"{len(truth)} {split} windows on {grid} | observed: {how}, {100 * metrics['observed_fraction']:.1f}% | "
         f"alpha_0: {fitted}")
@@ -156,6 +147,18 @@ def evaluate(path, *, device="cpu", split="test", subsampling=None, mask_seed=No
     return metrics
 
 
+def forecast_split(state, model, cfg, *, split, resolution, rate, seed, data_dir, device):
+    """Forecast every window of a split from its frame 0, observed on the chosen points:
+    (data, observed (N,), its description, codes (B, T, S, D), forecast (B, T, N, S))."""
+    n_traj = cfg.n_test if split == "test" else cfg.n_train
+    data = load_dataset(cfg.pde, split, size=resolution, data_dir=data_dir, n_trajectories=n_traj, device=device)
+    observed, how = observed_points(state, cfg, data, rate=rate, seed=seed, resolution=resolution, data_dir=data_dir)
+    truth = data.frames.flatten(2, 3)                                     # (B, T, N, S)
+    coords = data.coords.flatten(0, 1)                                    # (N, X) physical
+    codes = model.forecast_codes(coords[observed], truth[:, 0, observed], data.t)   # (B, T, S, D)
+    return data, observed, how, codes, model.decode(coords, codes)
+
+
 def score(pred, truth, observed, n_in_t):
     """The tables of DINo and of persistence (frame 0 held constant: the baseline a forecast must
     beat), and the error of each frame."""
@@ -164,11 +167,6 @@ def score(pred, truth, observed, n_in_t):
             "persistence": mse_table(truth[:, :1].expand_as(truth), truth, observed, n_in_t),
             "mse_vs_time": [(pred[:, k] - truth[:, k]).pow(2).mean().item() for k in frames],
             "rel_mse_vs_time": [relative_mse(pred[:, k], truth[:, k]) for k in frames]}
-
-
-def write_json(path, data):
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
 
 
 def free_form(model, cfg, codes, *, split, resolution, n_points, seed, n_in, data_dir, device):
@@ -191,54 +189,100 @@ def free_form(model, cfg, codes, *, split, resolution, n_points, seed, n_in, dat
         query = (low + s * spacing * size).float().to(device)            # (Q, 2) physical, anywhere
         truth = interpolate(fine.frames.double(), s[:, 0], s[:, 1], boundary=spec.boundary).float()  # (B, T, Q, S)
         how = f"{spec.boundary} spectral interpolation of the {size}x{size} test fields"
-    pred = model.decode(query, codes)                                     # (B, T, Q, S)
-    result = {"n": n_points, "seed": seed, "truth": how, "mse": {}, "rel_mse": {}}
-    for name, frames in (("in_t", slice(0, n_in)), ("out_t", slice(n_in, None))):
-        result["mse"][name] = (pred[:, frames] - truth[:, frames]).pow(2).mean().item()
-        result["rel_mse"][name] = relative_mse(pred[:, frames], truth[:, frames])
-    return result
+    everywhere = torch.ones(n_points, dtype=torch.bool, device=device)
+    table = mse_table(model.decode(query, codes), truth, everywhere, n_in)   # pred (B, T, Q, S)
+    return {"n": n_points, "seed": seed, "truth": how,
+            **{kind: {name: cells["all"] for name, cells in table[kind].items()} for kind in table}}
+
+
+# ---- the README's pictures
+
+
+def figures(folder, runs, *, device="cpu", data_dir="data", log=print):
+    """Pictures from finished runs: learning_curves.png (test MSE In-t / Out-t of every run against
+    its epochs, from the log kept in last.pt), forecast.gif (the first planar run) and superres.png
+    (the first sphere run observed on its training grid, decoded on the twice finer grid)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    files = ["learning_curves.png"]
+    for run in runs:
+        state, (model, cfg) = load_checkpoint(run), model_from_checkpoint(load_checkpoint(run), device)
+        history = load_checkpoint(os.path.join(run, "last.pt"))["progress"]["history"]
+        data, observed, _, _, pred = forecast_split(state, model, cfg, split="test", rate=cfg.subsampling,
+                                                    seed=cfg.mask_seed, data_dir=data_dir, device=device,
+                                                    resolution=cfg.size * (2 if SPECS[cfg.pde].cut_from else 1))
+        n = data.n_in_t
+        for ax, key, frames in zip(axes, ("test_in_t", "test_out_t"), (slice(0, n), slice(n, None))):
+            square = data.frames[:, frames].pow(2).mean().item()        # relative MSE -> MSE
+            ax.plot([h["epoch"] for h in history], [h[key] * square for h in history], marker=".",
+                    label=os.path.basename(os.path.abspath(run)))
+        if SPECS[cfg.pde].cut_from and "superres.png" not in files:
+            files.append("superres.png")
+            save_frame(os.path.join(folder, files[-1]), data.frames[0, -1, ..., -1],
+                       pred[0, -1, :, -1].view(data.frames.shape[2:4]),
+                       f"{cfg.pde} {SPECS[cfg.pde].channels[-1]}, t = {data.t[-1]:g} (Out-t): observed on the "
+                       f"{cfg.size}-latitude training grid, decoded on {data.frames.shape[2]} latitudes")
+        elif not SPECS[cfg.pde].cut_from and "forecast.gif" not in files:
+            files.append("forecast.gif")
+            shape = data.frames.shape
+            save_gif(os.path.join(folder, files[-1]), data.frames[:4, ..., 0], pred[:4, ..., 0].view(
+                min(4, shape[0]), *shape[1:4]), data.t.cpu().numpy(), n, f"{cfg.pde} {SPECS[cfg.pde].channels[0]}")
+    for ax, name in zip(axes, ("In-t", "Out-t")):
+        ax.set(yscale="log", xlabel="epoch", title=f"test MSE, {name}")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    try:
+        write_atomic(os.path.join(folder, files[0]), lambda tmp: fig.savefig(tmp, dpi=80))
+    finally:
+        plt.close(fig)
+    log(f"wrote {', '.join(os.path.join(folder, f) for f in files)}")
+    return files
+
+
+def save_frame(path, truth, pred, title):
+    """One frame, truth / prediction / error side by side (H, W each)."""
+    truth, pred = truth.cpu().numpy(), pred.cpu().numpy()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 2.6))
+    limit, err = np.abs(truth).max(), pred - truth
+    for ax, name, image, lim, cmap in zip(axes, ("truth", "prediction", "error"), (truth, pred, err),
+                                          (limit, limit, np.abs(err).max()), ("RdBu_r", "RdBu_r", "PuOr_r")):
+        fig.colorbar(ax.imshow(image, cmap=cmap, vmin=-lim, vmax=lim), ax=ax, shrink=0.8)
+        ax.set(title=name, xticks=[], yticks=[])
+    fig.suptitle(title, fontsize=9)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=80))
+    finally:
+        plt.close(fig)
 
 
 # ---- pictures
 
 
 def save_gif(path, truth, pred, t, n_in_t, title):
-    """Rows truth / prediction / error, one column per window, one GIF frame per time.
-    truth, pred (B, T, H, W) for one channel (B a few windows)."""
+    """Rows truth / prediction / error, one column per window, one GIF frame per time, and a time
+    line with the training horizon marked. truth, pred (B, T, H, W): one channel, a few windows."""
     truth, pred = truth.cpu().numpy(), pred.cpu().numpy()
-    err = pred - truth
-    n_windows = truth.shape[0]
-    # colour limits per frame (fields like heat fade 50x over a window): truth and prediction share one
-    vmax = np.maximum(np.abs(truth).max(axis=(0, 2, 3)), 1e-12)                 # (T,)
-    emax = np.maximum(np.abs(err).max(axis=(0, 2, 3)), 1e-12)                   # (T,)
-    aspect = truth.shape[3] / truth.shape[2]                                    # W / H (sphere: 2)
+    rows = (("truth", truth, "RdBu_r"), ("prediction", pred, "RdBu_r"), ("error", pred - truth, "PuOr_r"))
+    # colour limits per frame (fields like heat fade 50x over a window); truth and prediction share one
+    limits = [np.maximum(np.abs(data).max(axis=(0, 2, 3)), 1e-12) for data in (truth, truth, pred - truth)]
+    n_windows, aspect = truth.shape[0], truth.shape[3] / truth.shape[2]           # W / H (sphere: 2)
     fig, axes = plt.subplots(3, n_windows, figsize=(1.6 * aspect * n_windows + 0.8, 5.4), squeeze=False)
     fig.subplots_adjust(left=0.08, right=0.86, top=0.9, bottom=0.14, hspace=0.08, wspace=0.06)
     images = []
-    for row, (name, data, lim, cmap) in enumerate((("truth", truth, vmax, "RdBu_r"),
-                                                   ("prediction", pred, vmax, "RdBu_r"),
-                                                   ("error", err, emax, "PuOr_r"))):
-        for col in range(n_windows):
-            ax = axes[row, col]
+    for row, ((name, data, cmap), lim) in enumerate(zip(rows, limits)):
+        for col, ax in enumerate(axes[row]):
             images.append((ax.imshow(data[col, 0], cmap=cmap, vmin=-lim[0], vmax=lim[0]), data, col, lim))
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if col == 0:
-                ax.set_ylabel(name)
+            ax.set(xticks=[], yticks=[], ylabel=name if col == 0 else "")
         fig.colorbar(images[-1][0], ax=axes[row].tolist(), shrink=0.9, pad=0.02)
-    # a time line under the panels: training horizon shaded, a cursor at the current frame
-    line = fig.add_axes([0.08, 0.05, 0.70, 0.03])
+    line = fig.add_axes([0.08, 0.05, 0.70, 0.03])                               # the time line
     horizon = (t[n_in_t - 1] + t[n_in_t]) / 2 if n_in_t < len(t) else t[-1]
     line.axvspan(t[0], horizon, color="tab:green", alpha=0.3)
     line.axvspan(horizon, t[-1], color="tab:red", alpha=0.25)
-    line.set_xlim(t[0], t[-1])
-    line.set_yticks([])
+    line.set(xlim=(t[0], t[-1]), yticks=[])
     line.tick_params(labelsize=7)
     line.text(horizon, 1.3, "end of training horizon", ha="center", fontsize=7, transform=line.get_xaxis_transform())
-    cursor = line.axvline(t[0], color="black", lw=2)
-    heading = fig.suptitle("", fontsize=10)
+    cursor, heading = line.axvline(t[0], color="black", lw=2), fig.suptitle("", fontsize=10)
 
-    def draw(k):
+    def frame(k):
         for image, data, col, lim in images:
             image.set_data(data[col, k])
             image.set_clim(-lim[k], lim[k])
@@ -246,9 +290,7 @@ def save_gif(path, truth, pred, t, n_in_t, title):
         when = "In-t (inside the training horizon)" if k < n_in_t else "Out-t (BEYOND the training horizon)"
         heading.set_text(f"{title}   t = {t[k]:.2f}   {when}")
         heading.set_color("black" if k < n_in_t else "firebrick")
-        return [image for image, *_ in images] + [heading, cursor]
-
-    animation = FuncAnimation(fig, draw, frames=len(t), blit=False)
+    animation = FuncAnimation(fig, frame, frames=len(t))
     try:
         write_atomic(path, lambda tmp: animation.save(tmp, writer=PillowWriter(fps=4), dpi=72))
     finally:
@@ -264,9 +306,7 @@ def save_error_plot(path, t, curves, n_in_t, title):
     ax.axvspan(horizon, t[-1] + step / 2, color="tab:red", alpha=0.10, label="Out-t (extrapolation)")
     for label, values in curves.items():
         ax.plot(t, values, marker="o", markersize=3, label=label)
-    ax.set_yscale("log")
-    ax.set_xlabel("t")
-    ax.set_ylabel("MSE")
+    ax.set(yscale="log", xlabel="t", ylabel="MSE")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -317,23 +357,21 @@ def parser():
                                 description="Forecast every test window from its first frame and score it.\n"
                                             + __doc__[__doc__.index("Usage:"):__doc__.index("Files land")].rstrip())
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")   # one line
-    p.add_argument("run", help="run folder (uses its best.pt) or a checkpoint file written by train.py")
-    p.add_argument("--split", choices=("test", "train"), default="test",
-                   help="forecast the test windows (default) or the training windows, from their frame 0")
-    p.add_argument("--subsampling", type=float, metavar="RATE",
-                   help="observe this fraction of the grid, in (0, 1] (default: the training rate)")
-    p.add_argument("--mask-seed", type=int, help="seed of the observation mask: a new grid (paper Table 3)")
-    p.add_argument("--resolution", type=int, metavar="N",
-                   help="evaluate on the same test fields at N x N (sphere: N latitudes x 2N longitudes)")
-    p.add_argument("--points", type=int, metavar="N",
-                   help="also forecast at N random points anywhere in the domain (not on the grid)")
-    p.add_argument("--fit", choices=FITS, help="how alpha_0 is fitted (default: the run's, closed-form)")
-    p.add_argument("--fit-steps", type=int, help="Adam steps with --fit adam (default: the run's)")
-    p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--data-dir", default="data", help="dataset cache folder (default: data)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--out", help="output folder (default: RUN/eval[-conditions])")
-    p.add_argument("--no-pictures", action="store_true", help="skip the GIFs and the PNG")
+    add = p.add_argument
+    add("run", nargs="+", help="run folder (its best.pt) or a checkpoint of train.py (several: --figures only)")
+    add("--split", choices=("test", "train"), default="test", help="forecast the test (default) or training windows")
+    add("--subsampling", type=float, metavar="RATE", help="observe this fraction of the grid (default: the run's)")
+    add("--mask-seed", type=int, help="seed of the observation mask: a new grid (paper Table 3)")
+    add("--resolution", type=int, metavar="N", help="the same fields at N x N (sphere: N latitudes x 2N longitudes)")
+    add("--points", type=int, metavar="N", help="also forecast at N random points anywhere in the domain")
+    add("--fit", choices=FITS, help="how alpha_0 is fitted (default: the run's, closed-form)")
+    add("--fit-steps", type=int, help="Adam steps with --fit adam (default: the run's)")
+    add("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
+    add("--data-dir", default="data", help="dataset cache folder (default: data)")
+    add("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    add("--out", help="output folder (default: RUN/eval[-conditions])")
+    add("--no-pictures", action="store_true", help="skip the GIFs and the PNG")
+    add("--figures", metavar="DIR", help="write the README's pictures of the given runs into DIR")
     return p
 
 
@@ -347,8 +385,12 @@ def main(argv=None):
         parser().error(f"--subsampling {args.subsampling} is outside (0, 1]")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if len(args.run) > 1 and not args.figures:
+        parser().error(f"give one run (several only with --figures), got {len(args.run)}")
     try:
-        return evaluate(args.run, device=resolve_device(args.device), split=args.split, subsampling=args.subsampling,
+        if args.figures:
+            return figures(args.figures, args.run, device=resolve_device(args.device), data_dir=args.data_dir)
+        return evaluate(args.run[0], device=resolve_device(args.device), split=args.split, subsampling=args.subsampling,
                         mask_seed=args.mask_seed, resolution=args.resolution, points=args.points, fit=args.fit,
                         fit_steps=args.fit_steps, out=args.out, data_dir=args.data_dir, pictures=not args.no_pictures)
     except (ValueError, OSError) as err:
