@@ -1256,6 +1256,18 @@ def test_evaluate_writes_table_metrics_gif_and_png(tiny_run, data_dir, capsys):
         assert png.size[0] > 100
 
 
+def test_figures_for_the_readme(tiny_run, data_dir, tmp_path):
+    out, _ = tiny_run
+    files = evaluate_py.main(["--figures", str(tmp_path / "figures"), str(out), str(out), "--data-dir", data_dir])
+    assert files == ["learning_curves.png", "forecast.gif"]
+    from PIL import Image
+    with Image.open(tmp_path / "figures" / "forecast.gif") as gif:
+        assert gif.n_frames == 20
+    with pytest.raises(SystemExit) as stop:                          # several runs: only with --figures
+        evaluate_py.main([str(out), str(out), "--data-dir", data_dir])
+    assert stop.value.code == 2
+
+
 def test_evaluate_new_mask_resolution_free_points_and_adam(tiny_run, data_dir):
     out, _ = tiny_run
     m = evaluate_py.main([str(out), "--data-dir", data_dir, "--subsampling", "0.5", "--mask-seed", "3",
@@ -1297,6 +1309,9 @@ def test_train_and_evaluate_on_the_sphere(tmp_path, monkeypatch):
     assert m["observed_fraction"] == pytest.approx(solvers.latitude_mask(8).sum().item() / (16 * 32))
     assert m["mse"]["out_t"]["out_s"] is not None and m["points"]["truth"].endswith("32x16 test fields")
     assert all(math.isfinite(v) for v in m["points"]["rel_mse"].values())
+    files = evaluate_py.main(["--figures", str(tmp_path / "figures"), str(out), "--data-dir", d])
+    assert files == ["learning_curves.png", "superres.png"]
+    assert sorted(os.listdir(tmp_path / "figures")) == sorted(files)
 
 
 def test_forecast_is_the_evaluation_path_and_refuses_bad_input(tiny_run, data_dir):
