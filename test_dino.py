@@ -873,7 +873,7 @@ def test_train_lowers_the_loss_and_writes_a_run(tiny_run):
     assert last["train_in_t"] < first["train_in_t"]          # the forecast of the training windows too
     assert {"last.pt", "best.pt", "log.txt"} <= set(os.listdir(out))
     log = (out / "log.txt").read_text().splitlines()
-    assert log[0].startswith("heat | preset quick |") and "first step" in log[0] and "of training to go" in log[0]
+    assert log[0].startswith("heat | preset quick |") and "a step takes" in log[0] and "of training to go" in log[0]
     for label in ("epoch", "iter", "dec", "dyn", "train In-t", "test In-t", "Out-t", "ridge", "ETA"):
         assert label in log[-1]
     state = train_py.load_checkpoint(str(out / "last.pt"))

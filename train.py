@@ -273,12 +273,14 @@ def train(cfg, *, out, device="cpu", minutes=None, resume=None, data_dir="data",
             for s in plan.steps[progress.step:]:
                 train_step(run, plan.rows[s], plan.weight[s], plan.restart[s])
                 crossed = progress.advance(plan, run.generator, cfg.eval_every)
-                if clock.tick():                                        # the first step of this session
+                if clock.tick():                                        # once, after two steps
                     say(summary(run, label, clock, progress))
                 if crossed:
                     evaluate_and_save(run, progress, say, out, clock)
                 if progress.stop(run.group.agree_stop(asked, clock.out_of_time())):
                     break
+    if len(clock.marks) == 1:                                          # a session of a single step
+        say(summary(run, label, clock, progress))
     if progress.stopped in (None, "minutes"):
         if not progress.history or progress.history[-1]["iteration"] != progress.iteration:
             evaluate_and_save(run, progress, say, out, clock)
@@ -636,20 +638,25 @@ def stop_requests():
 
 
 class Clock:
-    """This session's wall time: the --minutes budget, the first step's duration, the ETA."""
+    """This session's wall time: the --minutes budget, one step's duration, the ETA."""
 
     def __init__(self, progress, minutes, device):
         self.start, self.before, self.minutes, self.device = time.time(), progress.elapsed, minutes, device
-        self.first_iteration, self.first_step = progress.iteration, None
+        self.first_iteration, self.marks = progress.iteration, []
 
     def tick(self):
-        """True after the first step of the session, which it times (waiting for a GPU, this once)."""
-        if self.first_step is not None:
+        """True once, after the session's second step (the first one warms up): the duration of that
+        step is the step time the first log line projects from. A GPU is waited for, these two times."""
+        if len(self.marks) == 2:
             return False
         if self.device.startswith("cuda"):
             torch.cuda.synchronize(self.device)
-        self.first_step = time.time() - self.start
-        return True
+        self.marks.append(time.time())
+        return len(self.marks) == 2
+
+    @property
+    def step(self):
+        return self.marks[1] - self.marks[0] if len(self.marks) > 1 else self.marks[0] - self.start
 
     def elapsed(self):
         return self.before + time.time() - self.start
@@ -668,11 +675,11 @@ def summary(run, label, clock, progress):
     cfg, world = run.cfg, run.group.world
     batch = f"{cfg.batch_size} per process, {world * cfg.batch_size} in all" if world > 1 and \
         cfg.schedule == "minibatch" else f"{cfg.batch_size}"
-    per_epoch = clock.first_step * (1 if cfg.schedule == "epoch" else run.iterations_per_epoch)
+    per_epoch = clock.step * (1 if cfg.schedule == "epoch" else run.iterations_per_epoch)
     return (f"{cfg.pde} | {label or 'config given'} | {cfg.epochs} epochs of {run.n_windows} windows x {len(run.t)} "
             f"frames, {int(run.mask.sum())}/{run.mask.numel()} points observed | decoder {count(run.model.decoder):,}"
             f" + dynamics {count(run.model.dynamics):,} parameters | schedule {cfg.schedule}, minibatch {batch} | "
-            f"{world} process(es) on {run.group.device} | first step {clock.first_step:.2f} s: about "
+            f"{world} process(es) on {run.group.device} | a step takes {clock.step:.2f} s: about "
             f"{hms((cfg.epochs - progress.epoch) * per_epoch)} of training to go (evaluations add some)\n"
             f"metrics: relative MSE (MSE / mean square of truth); train In-t selects best.pt, test is reported only")
 
