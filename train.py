@@ -273,13 +273,14 @@ def train(cfg, *, out, device="cpu", minutes=None, resume=None, data_dir="data",
             for s in plan.steps[progress.step:]:
                 train_step(run, plan.rows[s], plan.weight[s], plan.restart[s])
                 crossed = progress.advance(plan, run.generator, cfg.eval_every)
-                if clock.tick():                                        # once, after two steps
+                clock.tick()
+                if clock.first_line_due(crossed):
                     say(summary(run, label, clock, progress))
                 if crossed:
                     evaluate_and_save(run, progress, say, out, clock)
                 if progress.stop(run.group.agree_stop(asked, clock.out_of_time())):
                     break
-    if len(clock.marks) == 1:                                          # a session of a single step
+    if clock.marks and clock.first_line_due(True):                    # a session of a single step
         say(summary(run, label, clock, progress))
     if progress.stopped in (None, "minutes"):
         if not progress.history or progress.history[-1]["iteration"] != progress.iteration:
@@ -642,17 +643,21 @@ class Clock:
 
     def __init__(self, progress, minutes, device):
         self.start, self.before, self.minutes, self.device = time.time(), progress.elapsed, minutes, device
-        self.first_iteration, self.marks = progress.iteration, []
+        self.first_iteration, self.marks, self.said = progress.iteration, [], False
 
     def tick(self):
-        """True once, after the session's second step (the first one warms up): the duration of that
-        step is the step time the first log line projects from. A GPU is waited for, these two times."""
-        if len(self.marks) == 2:
-            return False
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize(self.device)
-        self.marks.append(time.time())
-        return len(self.marks) == 2
+        """Mark the end of the session's first two steps (the first warms up); a GPU is waited for,
+        these two times only. The second step's duration projects the training time."""
+        if len(self.marks) < 2:
+            if self.device.startswith("cuda"):
+                torch.cuda.synchronize(self.device)
+            self.marks.append(time.time())
+
+    def first_line_due(self, evaluating):
+        """True once: when two steps are timed, or earlier if an evaluation (or the end) comes first."""
+        due = not self.said and (len(self.marks) == 2 or evaluating)
+        self.said |= due
+        return due
 
     @property
     def step(self):
