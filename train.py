@@ -789,8 +789,11 @@ def main(argv=None):
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        return train(cfg, out=out, device=start_processes(device), minutes=args.minutes, resume=state,
-                     data_dir=args.data_dir, label=label)
+        progress = train(cfg, out=out, device=start_processes(device), minutes=args.minutes, resume=state,
+                         data_dir=args.data_dir, label=label)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # leave together: a gloo process whose peer tore down first once aborted at exit
+        return progress
     except BadData as err:
         parser().error(str(err))
     except (NonFiniteLoss, OSError) as err:
