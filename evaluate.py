@@ -339,9 +339,8 @@ def draw(out, cfg, data, pred, observed):
 
 def default_out(path, cfg, split, subsampling, mask_seed, resolution, points):
     run = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    tags = [] if os.path.isdir(path) or os.path.basename(path) == "best.pt" else \
-        [os.path.splitext(os.path.basename(path))[0]]
-    tags += ["train"] if split == "train" else []
+    name = os.path.splitext(os.path.basename(path))[0]
+    tags = ([] if os.path.isdir(path) or name == "best" else [name]) + (["train"] if split == "train" else [])
     for flag, value in (("res", resolution if resolution != cfg.size else None), ("s", subsampling),
                         ("seed", mask_seed), ("points", points)):
         if value is not None:
