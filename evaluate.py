@@ -72,6 +72,10 @@ def format_table(table):
 # ---- the evaluation
 
 
+def n_trajectories(cfg, split):
+    return cfg.n_test if split == "test" else cfg.n_train
+
+
 def observed_points(state, cfg, data, *, rate, seed, resolution, data_dir):
     """(N,) bool: which points of the grid the code fitting sees, and a description."""
     spec, device = SPECS[cfg.pde], data.coords.device
@@ -80,7 +84,7 @@ def observed_points(state, cfg, data, *, rate, seed, resolution, data_dir):
         # grids are cuts of one simulation grid (solvers.py), so the training grid is every k-th point.
         k = resolution // cfg.size
         coarse = load_dataset(cfg.pde, data.split, size=cfg.size, data_dir=data_dir, device=device, verbose=False,
-                              n_trajectories=len(data.frames) // spec.windows)
+                              n_trajectories=n_trajectories(cfg, data.split))
         observed = torch.zeros(data.coords.shape[:2], dtype=torch.bool, device=device)   # (H, W)
         observed[::k, ::k] = observation_mask(coarse, rate, seed)
         return observed.flatten(), f"the {cfg.size}-latitude training grid inside the {resolution}-latitude grid"
@@ -110,14 +114,12 @@ def evaluate(path, *, device="cpu", split="test", subsampling=None, mask_seed=No
     rate = cfg.subsampling if subsampling is None else subsampling
     seed = cfg.mask_seed if mask_seed is None else mask_seed
     resolution = cfg.size if resolution is None else resolution
-    n_traj = cfg.n_test if split == "test" else cfg.n_train
-    windows = n_traj * spec.windows * spec.window * len(spec.channels)
+    windows = n_trajectories(cfg, split) * spec.windows * spec.window * len(spec.channels)
     check_memory(windows * resolution ** 2 * spec.width_ratio, f"--resolution {resolution}", device)
     if points is not None:   # the sphere's truth also holds a Legendre table of nlat^2 values per point
         check_memory(points * (windows + (2 * spec.cut_from ** 2 if spec.cut_from else 0)), f"--points {points}", device)
     out = out or default_out(path, cfg, split, subsampling, mask_seed, resolution, points)
     check_writable(out)
-
     data, observed, how, codes, pred = forecast_split(state, model, cfg, split=split, resolution=resolution,
                                                       rate=rate, seed=seed, data_dir=data_dir, device=device)
     truth = data.frames.flatten(2, 3)                                     # (B, T, N, S)
@@ -150,8 +152,8 @@ def evaluate(path, *, device="cpu", split="test", subsampling=None, mask_seed=No
 def forecast_split(state, model, cfg, *, split, resolution, rate, seed, data_dir, device):
     """Forecast every window of a split from its frame 0, observed on the chosen points:
     (data, observed (N,), its description, codes (B, T, S, D), forecast (B, T, N, S))."""
-    n_traj = cfg.n_test if split == "test" else cfg.n_train
-    data = load_dataset(cfg.pde, split, size=resolution, data_dir=data_dir, n_trajectories=n_traj, device=device)
+    data = load_dataset(cfg.pde, split, size=resolution, data_dir=data_dir, n_trajectories=n_trajectories(cfg, split),
+                        device=device)
     observed, how = observed_points(state, cfg, data, rate=rate, seed=seed, resolution=resolution, data_dir=data_dir)
     truth = data.frames.flatten(2, 3)                                     # (B, T, N, S)
     coords = data.coords.flatten(0, 1)                                    # (N, X) physical
@@ -176,8 +178,8 @@ def free_form(model, cfg, codes, *, split, resolution, n_points, seed, n_in, dat
     fields) or, on the sphere, the spherical-harmonic series of the simulation grid's fields."""
     spec = SPECS[cfg.pde]
     size = spec.cut_from or max(64, resolution)
-    fine = load_dataset(cfg.pde, split, size=size, data_dir=data_dir, device=device,
-                        n_trajectories=cfg.n_test if split == "test" else cfg.n_train)
+    fine = load_dataset(cfg.pde, split, size=size, data_dir=data_dir, n_trajectories=n_trajectories(cfg, split),
+                        device=device)
     if spec.boundary == "sphere":
         query = sphere_random_points(n_points, seed).to(device)          # (Q, 3)
         truth = sphere_interpolate(fine.frames, query)                    # (B, T, Q, S)
@@ -195,7 +197,7 @@ def free_form(model, cfg, codes, *, split, resolution, n_points, seed, n_in, dat
             **{kind: {name: cells["all"] for name, cells in table[kind].items()} for kind in table}}
 
 
-# ---- the README's pictures
+# ---- pictures: the README's (from several runs), then each evaluation's GIFs and error plot
 
 
 def figures(folder, runs, *, device="cpu", data_dir="data", log=print):
@@ -205,11 +207,12 @@ def figures(folder, runs, *, device="cpu", data_dir="data", log=print):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     files = ["learning_curves.png"]
     for run in runs:
-        state, (model, cfg) = load_checkpoint(run), model_from_checkpoint(load_checkpoint(run), device)
+        state = load_checkpoint(run)
+        model, cfg = model_from_checkpoint(state, device)
         history = load_checkpoint(os.path.join(run, "last.pt"))["progress"]["history"]
-        data, observed, _, _, pred = forecast_split(state, model, cfg, split="test", rate=cfg.subsampling,
-                                                    seed=cfg.mask_seed, data_dir=data_dir, device=device,
-                                                    resolution=cfg.size * (2 if SPECS[cfg.pde].cut_from else 1))
+        data, *_, pred = forecast_split(state, model, cfg, split="test", rate=cfg.subsampling, seed=cfg.mask_seed,
+                                        resolution=cfg.size * (2 if SPECS[cfg.pde].cut_from else 1),
+                                        data_dir=data_dir, device=device)
         n = data.n_in_t
         for ax, key, frames in zip(axes, ("test_in_t", "test_out_t"), (slice(0, n), slice(n, None))):
             square = data.frames[:, frames].pow(2).mean().item()        # relative MSE -> MSE
@@ -223,9 +226,9 @@ def figures(folder, runs, *, device="cpu", data_dir="data", log=print):
                        f"{cfg.size}-latitude training grid, decoded on {data.frames.shape[2]} latitudes")
         elif not SPECS[cfg.pde].cut_from and "forecast.gif" not in files:
             files.append("forecast.gif")
-            shape = data.frames.shape
-            save_gif(os.path.join(folder, files[-1]), data.frames[:4, ..., 0], pred[:4, ..., 0].view(
-                min(4, shape[0]), *shape[1:4]), data.t.cpu().numpy(), n, f"{cfg.pde} {SPECS[cfg.pde].channels[0]}")
+            truth = data.frames[:4, ..., 0]                              # (windows, T, H, W)
+            save_gif(os.path.join(folder, files[-1]), truth, pred[:4, ..., 0].view_as(truth), data.t.cpu().numpy(), n,
+                     f"{cfg.pde} {SPECS[cfg.pde].channels[0]}")
     for ax, name in zip(axes, ("In-t", "Out-t")):
         ax.set(yscale="log", xlabel="epoch", title=f"test MSE, {name}")
     axes[1].legend(fontsize=7)
@@ -252,9 +255,6 @@ def save_frame(path, truth, pred, title):
         write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=80))
     finally:
         plt.close(fig)
-
-
-# ---- pictures
 
 
 def save_gif(path, truth, pred, t, n_in_t, title):

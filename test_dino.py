@@ -970,11 +970,11 @@ def test_config_table_and_flags():
 
 def test_observation_mask_rate_and_seed(data_dir):
     data = train_py.load_dataset("heat", "test", size=32, data_dir=data_dir, n_trajectories=1, verbose=False)
-    a = train_py.observation_mask(data, 0.25, seed=1)
+    a = solvers.observation_mask(data, 0.25, seed=1)
     assert a.shape == (32, 32) and abs(a.float().mean().item() - 0.25) < 0.05
-    assert torch.equal(a, train_py.observation_mask(data, 0.25, seed=1))
-    assert not torch.equal(a, train_py.observation_mask(data, 0.25, seed=2))
-    assert train_py.observation_mask(data, 1.0, seed=1).all()
+    assert torch.equal(a, solvers.observation_mask(data, 0.25, seed=1))
+    assert not torch.equal(a, solvers.observation_mask(data, 0.25, seed=2))
+    assert solvers.observation_mask(data, 1.0, seed=1).all()
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -1287,7 +1287,7 @@ def test_train_and_evaluate_on_a_random_half_of_the_points(tmp_path, data_dir):
     train_py.main(tiny_argv(out, data_dir, "--epochs", "2", "--subsampling", "0.5", "--mask-seed", "4"))
     mask = train_py.load_checkpoint(str(out / "last.pt"))["mask"]   # (H, W) bool, the observed points
     data = train_py.load_dataset("heat", "train", size=8, data_dir=data_dir, n_trajectories=4, verbose=False)
-    assert torch.equal(mask, train_py.observation_mask(data, 0.5, seed=4)) and 0.3 < mask.float().mean() < 0.7
+    assert torch.equal(mask, solvers.observation_mask(data, 0.5, seed=4)) and 0.3 < mask.float().mean() < 0.7
     m = evaluate_py.main([str(out), "--data-dir", data_dir, "--no-pictures"])
     assert m["observed"] == "the training mask" and m["observed_fraction"] == mask.float().mean().item()
     assert m["mse"]["in_t"]["in_s"] is not None and m["mse"]["in_t"]["out_s"] is not None

@@ -373,10 +373,9 @@ def evaluate_and_save(run, progress, say, out, clock):
     non-finite loss, parameter or metric stops the run (NonFiniteLoss) before anything is saved."""
     cfg, group = run.cfg, run.group
     state = [p.detach().sum() for p in run.model.parameters()] + [run.loss_sums.sum(), run.codes.weight.sum()]
-    sums = [math.nan] * 4
-    if not group.any(not torch.isfinite(torch.stack(state)).all()):
-        sums = group.sum_(torch.cat([run.loss_sums, train_sums(run)])).tolist()
-    if not all(map(math.isfinite, sums)):                               # e.g. a non-finite training value
+    finite = not group.any(not torch.isfinite(torch.stack(state)).all())
+    sums = group.sum_(torch.cat([run.loss_sums, train_sums(run)])).tolist() if finite else [math.nan] * 4
+    if not all(map(math.isfinite, sums)):                    # parameters, losses or the training metric
         raise NonFiniteLoss(f"at epoch {progress.epoch}, iteration {progress.iteration}")
     entry = {"epoch": progress.epoch, "iteration": progress.iteration, "epsilon": epsilon(cfg, progress.iteration),
              "loss_dec": sums[0] / max(progress.losses, 1), "loss_dyn": sums[1] / max(progress.losses, 1),
@@ -386,8 +385,8 @@ def evaluate_and_save(run, progress, say, out, clock):
     if group.rank == 0:
         entry["test_in_t"], entry["test_out_t"] = test_metric(run)
     run.loss_sums.zero_()
-    progress.losses, entry["elapsed"] = 0, clock.elapsed()
-    progress.elapsed = entry["elapsed"]
+    progress.losses = 0
+    entry["elapsed"] = progress.elapsed = clock.elapsed()
     say(f"epoch {entry['epoch']} | iter {entry['iteration']} | eps {entry['epsilon']:.3f} | dec {entry['loss_dec']:.2e} | "
         f"dyn {entry['loss_dyn']:.2e} | train In-t {entry['train_in_t']:.2e} | test In-t {entry['test_in_t'] or 0:.2e} "
         f"Out-t {entry['test_out_t'] or 0:.2e}" + (f" | ridge {entry['ridge']:.0e}" if "ridge" in entry else "")
@@ -663,14 +662,17 @@ class Clock:
     def step(self):
         return self.marks[1] - self.marks[0] if len(self.marks) > 1 else self.marks[0] - self.start
 
+    def session(self):
+        return time.time() - self.start
+
     def elapsed(self):
-        return self.before + time.time() - self.start
+        return self.before + self.session()
 
     def out_of_time(self):
-        return self.minutes is not None and time.time() - self.start >= 60 * self.minutes
+        return self.minutes is not None and self.session() >= 60 * self.minutes
 
     def eta(self, progress, total_iterations):
-        session = time.time() - self.start
+        session = self.session()
         eta = session / max(progress.iteration - self.first_iteration, 1) * (total_iterations - progress.iteration)
         return eta if self.minutes is None else min(eta, 60 * self.minutes - session)
 
