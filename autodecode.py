@@ -8,7 +8,7 @@ decoder descend the same reconstruction loss
 
 the codes in a table indexed by (sequence, frame, channel), the decoder shared by all. At test time
 the decoder is frozen and the code of a new observation is fitted to it: that is the "encoder".
-Four pieces, in the order a reader meets them:
+Five pieces, in the order a reader meets them:
 
 - `toy_linear_autodecoding()`: a linear decoder and its latents learned by alternating steps;
   prints the loss before and after (the tutorial's toy example, rewritten);
@@ -16,7 +16,10 @@ Four pieces, in the order a reader meets them:
   sample and channel, keeping each sample's best code; one vectorised optimisation;
 - `fit_codes_closed_form(...)`: the same fit as a ridge-regularised least-squares solve, exact and
   about a thousand times faster, because the decoder is affine in the code (inr.py);
-- `CodeTable`: the training-time codes, one row per sequence, each row with its own Adam state.
+- `CodeTable`: the training-time codes, one row per sequence, each row with its own Adam state;
+- `DINo`: the whole forecaster, the three parts of the model as one module: fit alpha_0 to the
+  observed frame (this file), integrate d alpha/dt = f_psi(alpha) (dynamics.py), decode anywhere
+  (inr.py). `DINo(...).forecast(coords_obs, values_obs, t, coords_query)` is DINo in one call.
 
 Shapes: B batch, T frames, N points, S channels, D code dim, X coord dim.
 
@@ -34,6 +37,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dynamics import Dynamics, check_times, rollout
+from inr import Decoder
 
 
 # ---- 1. the idea in twenty lines: a linear decoder, latents learned by alternating steps
@@ -264,6 +270,62 @@ class CodeTable(nn.Module):
             buffer.index_copy_(0, ids, value)
 
 
+# ---- 4. DINo: fit alpha_0 (auto-decoding), integrate (dynamics.py), decode anywhere (inr.py)
+class DINo(nn.Module):
+    """The two trained networks and what it takes to forecast from raw observations: the map from
+    physical coordinates to decoder inputs, (x + coord_shift) * coord_scale, and the test-time fit
+    of alpha_0 ('closed-form' with the `ridge` buffer, or 'adam' with fit_steps and fit_lr). Every
+    method takes physical coordinates (..., X) and moves its inputs to the model's device and dtype.
+    train.py builds it from its Config table; the state_dict holds everything that was trained."""
+
+    def __init__(self, *, coord_dim, n_channels, code_dim=100, hidden=64, layers=3, input_scale=64.0,
+                 dyn_hidden=512, coord_shift=0.0, coord_scale=1.0, fit="closed-form", fit_steps=300, fit_lr=1e-2):
+        super().__init__()
+        self.decoder = Decoder(coord_dim=coord_dim, code_dim=code_dim, hidden=hidden, layers=layers,
+                               input_scale=input_scale)
+        self.dynamics = Dynamics(n_channels=n_channels, code_dim=code_dim, hidden=dyn_hidden)
+        self.coord_shift, self.coord_scale = coord_shift, coord_scale
+        self.fit, self.fit_steps, self.fit_lr = fit, fit_steps, fit_lr
+        self.register_buffer("ridge", torch.tensor(1e-2))   # of the closed-form fit; train.py chooses it
+
+    def _like(self, x):
+        return torch.as_tensor(x).to(self.ridge)
+
+    def map_coords(self, coords):
+        """Physical positions (..., X) -> decoder inputs (the affine map above)."""
+        return (self._like(coords) + self.coord_shift) * self.coord_scale
+
+    def fit_codes(self, coords, values):
+        """alpha_0 (B, S, D) of observations values (B, N, S) at coords (N, X): a FitResult."""
+        coords, values = self.map_coords(coords), self._like(values)
+        if self.fit == "closed-form":
+            return fit_codes_closed_form(self.decoder, coords, values, ridge=self.ridge.item())
+        return fit_codes(self.decoder, coords, values, steps=self.fit_steps, lr=self.fit_lr)
+
+    def forecast_codes(self, coords, values, t):
+        """Fit alpha_0 to values (B, N, S) observed at coords (N, X) at time t[0], then integrate
+        d alpha/dt = f_psi(alpha) to the times t (T,) -> codes (B, T, S, D)."""
+        t = self._like(t)
+        check_times(t)
+        with torch.no_grad():
+            return rollout(self.dynamics, self.fit_codes(coords, values).codes, t - t[0])
+
+    def decode(self, coords, codes):
+        """Codes (B, T, S, D) -> values (B, T, N, S) at coords (N, X). The decoder is affine in the
+        code (inr.py), so this is offset(x) + jacobian(x) . alpha: one product, no graph."""
+        with torch.no_grad():
+            parts = self.decoder.affine_parts(self.map_coords(coords))      # offset (1, N), jacobian (1, N, D)
+            return (self._like(codes) @ parts.jacobian[0].T + parts.offset[0]).transpose(-1, -2)
+
+    def forecast(self, coords_obs, values_obs, t, coords_query):
+        """DINo in one call: values_obs (N, S) observed at coords_obs (N, X) at time t[0] ->
+        forecast (T, Nq, S) at any points coords_query (Nq, X). Values (B, N, S) give (B, T, Nq, S)."""
+        values = self._like(values_obs)
+        single = values.dim() == 2
+        pred = self.decode(coords_query, self.forecast_codes(coords_obs, values[None] if single else values, t))
+        return pred[0] if single else pred
+
+
 # ---- benchmark at the paper's Navier-Stokes sizes
 def benchmark(*, repeats=5, threads=1, anchor=False):
     """One training iteration and one test-time fit at NS sizes; prints medians and peak memory.
@@ -272,8 +334,7 @@ def benchmark(*, repeats=5, threads=1, anchor=False):
     `decode_direct` (the equations run per code, the official code's way), once, after the peak
     memory is read: a same-machine, same-load reference for the speed-up. One function on purpose:
     it reads as one script, set-up, the timed iteration, the timed fits, the report."""
-    from dynamics import Dynamics, restart_mask, rollout_with_restarts   # only the benchmark needs them
-    from inr import Decoder
+    from dynamics import restart_mask, rollout_with_restarts   # only the benchmark needs them
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     n_seq, batch, frames, size, code_dim = 512, 32, 10, 64, 100

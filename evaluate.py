@@ -19,7 +19,7 @@ Usage:
 Files land in RUN/eval[-conditions]/ (or --out): metrics.json and the table first, then the pictures.
 
 For your own data, DINo in one call: `model = load_model(run)`, then
-`model.forecast(coords_obs, values_obs, t, coords_query)` (train.DINo.forecast).
+`model.forecast(coords_obs, values_obs, t, coords_query)` (autodecode.DINo.forecast).
 """
 import argparse
 import json
@@ -40,7 +40,7 @@ from matplotlib.animation import FuncAnimation, PillowWriter  # noqa: E402
 
 
 def load_model(path, device="cpu"):
-    """A trained DINo (train.DINo) from a run folder (its best.pt) or a checkpoint file."""
+    """A trained DINo (autodecode.DINo) from a run folder (its best.pt) or a checkpoint file."""
     return model_from_checkpoint(load_checkpoint(path), device)[0]
 
 

@@ -7,16 +7,15 @@ Alg. 1 solves two problems together (the paper's Eq. 5-6):
      bends the representation): L_dyn = |alpha_t - (alpha_0 + int_0^t f_psi(alpha) dt)|^2,
      RK4 at the frame times with scheduled restarts from the learned codes (teacher forcing).
 Adam with the paper's rates: decoder 1e-2, codes and dynamics 1e-3; each code row has its own Adam.
+The model (decoder + dynamics + the fit of alpha_0) is `autodecode.DINo`.
 
 The paper's schedule (`schedule="epoch"`): the codes step after every minibatch, the decoder and the
 dynamics once per epoch on gradients summed over its minibatches. Within an epoch the networks are
 frozen and every code row is read once, just before its own step, so the whole epoch is ONE step
 on the sum of all windows' losses, each weighted by 1 / (size of its minibatch): that is how it is
 computed here. `schedule="minibatch"` steps all three every minibatch (the same error sooner).
-
-Several processes (torchrun): each owns a fixed shard of the windows and their codes; the network
-gradients are summed over processes once per step, so the paper's schedule gives the numbers of
-one process. Codes never travel, except into checkpoints.
+Several processes (torchrun) each own a fixed shard of the windows and their codes; the network
+gradients are summed over processes once per step, so the numbers are those of one process.
 
 Usage:
     python train.py --pde heat                      # quick preset on a CPU, paper on a GPU (1st log line)
@@ -33,18 +32,14 @@ import os
 import re
 import signal
 import sys
-import threading
 import time
-import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from autodecode import CodeTable, fit_codes, fit_codes_closed_form
-from dynamics import Dynamics, check_times, epsilon_schedule, restart_mask, rollout, rollout_with_restarts
-from inr import Decoder
+from autodecode import CodeTable, DINo, fit_codes_closed_form
+from dynamics import epsilon_schedule, restart_mask, rollout, rollout_with_restarts
 from solvers import SPECS, check_writable, load_dataset, load_torch, observation_mask, resolve_device, save_torch
 
 # ---- configuration: one table, every PDE x preset
@@ -110,6 +105,8 @@ CONFIGS = {  # planar [-1, 1] domains map to [0, 0.5] like the official [0, 1) o
 }
 PRESETS, SCHEDULES, FITS = ("quick", "paper"), ("epoch", "minibatch"), ("closed-form", "adam")
 RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)   # candidate ridge weights of the closed-form fit
+MODEL_FIELDS = ("code_dim", "hidden", "layers", "input_scale", "dyn_hidden", "coord_shift", "coord_scale", "fit",
+                "fit_steps", "fit_lr")          # the Config fields that DINo takes
 RULES = {  # field -> (test, what is allowed); every float must also be finite
     "pde": (lambda v: v in SPECS, ", ".join(SPECS)), "schedule": (lambda v: v in SCHEDULES, ", ".join(SCHEDULES)),
     "fit": (lambda v: v in FITS, ", ".join(FITS)), "subsampling": (lambda v: 0 < v <= 1, "(0, 1]"),
@@ -134,59 +131,9 @@ def check_config(cfg):
             raise ValueError(f"{f.name} = {value!r} is not allowed; allowed: {allowed}")
 
 
-# ---- the model: decoder + dynamics, and DINo's inference (Alg. 1, bottom)
-
-
-class DINo(nn.Module):
-    """The two trained networks and what it takes to forecast from raw observations: the map from
-    physical coordinates to decoder inputs and the test-time fit of alpha_0. Every method takes
-    physical coordinates (..., X) and moves its inputs to the model's device and dtype."""
-
-    def __init__(self, cfg, *, coord_dim, n_channels):
-        super().__init__()
-        self.decoder = Decoder(coord_dim=coord_dim, code_dim=cfg.code_dim, hidden=cfg.hidden,
-                               layers=cfg.layers, input_scale=cfg.input_scale)
-        self.dynamics = Dynamics(n_channels=n_channels, code_dim=cfg.code_dim, hidden=cfg.dyn_hidden)
-        self.coord_shift, self.coord_scale = cfg.coord_shift, cfg.coord_scale
-        self.fit, self.fit_steps, self.fit_lr = cfg.fit, cfg.fit_steps, cfg.fit_lr
-        self.register_buffer("ridge", torch.tensor(1e-2))   # closed-form fit; chosen on training windows
-
-    def _like(self, x):
-        return torch.as_tensor(x).to(self.ridge)
-
-    def map_coords(self, coords):
-        """Physical positions (..., X) -> decoder inputs (the affine map of the config)."""
-        return (self._like(coords) + self.coord_shift) * self.coord_scale
-
-    def fit_codes(self, coords, values):
-        """alpha_0 (B, S, D) of observations values (B, N, S) at coords (N, X): a FitResult."""
-        coords, values = self.map_coords(coords), self._like(values)
-        if self.fit == "closed-form":
-            return fit_codes_closed_form(self.decoder, coords, values, ridge=self.ridge.item())
-        return fit_codes(self.decoder, coords, values, steps=self.fit_steps, lr=self.fit_lr)
-
-    def forecast_codes(self, coords, values, t):
-        """Fit alpha_0 to values (B, N, S) observed at coords (N, X) at time t[0], then integrate
-        d alpha/dt = f_psi(alpha) to the times t (T,) -> codes (B, T, S, D)."""
-        t = self._like(t)
-        check_times(t)
-        with torch.no_grad():
-            return rollout(self.dynamics, self.fit_codes(coords, values).codes, t - t[0])
-
-    def decode(self, coords, codes):
-        """Codes (B, T, S, D) -> values (B, T, N, S) at coords (N, X). The decoder is affine in the
-        code (inr.py), so this is offset(x) + jacobian(x) . alpha: one product, no graph."""
-        with torch.no_grad():
-            parts = self.decoder.affine_parts(self.map_coords(coords))      # offset (1, N), jacobian (1, N, D)
-            return (self._like(codes) @ parts.jacobian[0].T + parts.offset[0]).transpose(-1, -2)
-
-    def forecast(self, coords_obs, values_obs, t, coords_query):
-        """DINo in one call: values_obs (N, S) observed at coords_obs (N, X) at time t[0] ->
-        forecast (T, Nq, S) at any points coords_query (Nq, X). Values (B, N, S) give (B, T, Nq, S)."""
-        values = self._like(values_obs)
-        single = values.dim() == 2
-        pred = self.decode(coords_query, self.forecast_codes(coords_obs, values[None] if single else values, t))
-        return pred[0] if single else pred
+def build_model(cfg, *, coord_dim, n_channels):
+    """The DINo that `cfg` describes (autodecode.py), freshly initialised."""
+    return DINo(coord_dim=coord_dim, n_channels=n_channels, **{name: getattr(cfg, name) for name in MODEL_FIELDS})
 
 
 # ---- one training step of Alg. 1: both problems, on any set of windows
@@ -273,14 +220,13 @@ def train(cfg, *, out, device="cpu", minutes=None, resume=None, data_dir="data",
             for s in plan.steps[progress.step:]:
                 train_step(run, plan.rows[s], plan.weight[s], plan.restart[s])
                 crossed = progress.advance(plan, run.generator, cfg.eval_every)
-                clock.tick()
-                if clock.first_line_due(crossed):
+                if clock.tick(crossed):
                     say(summary(run, label, clock, progress))
                 if crossed:
                     evaluate_and_save(run, progress, say, out, clock)
                 if progress.stop(run.group.agree_stop(asked, clock.out_of_time())):
                     break
-    if clock.marks and clock.first_line_due(True):                    # a session of a single step
+    if clock.marks and not clock.said:                                   # a session of a single step
         say(summary(run, label, clock, progress))
     if progress.stopped in (None, "minutes"):
         if not progress.history or progress.history[-1]["iteration"] != progress.iteration:
@@ -335,25 +281,21 @@ def relative_mse(pred, truth):
     return err / max(ref, 1e-30)
 
 
-def train_sums(run):
-    """The forecast of this process's training windows from their LEARNED alpha_0 over the training
-    horizon, at the observed points, as squared_sums: the selection metric (no test data, no fit)."""
+def train_sums(run, alpha0=None):
+    """The forecast of this process's training windows over the training horizon, at the observed
+    points, from their LEARNED alpha_0 (or from `alpha0` (R, S, D)), as squared_sums: the selection
+    metric (training data only)."""
     with torch.no_grad():
-        codes = rollout(run.model.dynamics, run.codes.codes[:, 0], run.t)       # (R, T_in, S, D)
-    return squared_sums(run.model.decode(run.points, codes), run.values)
+        codes = rollout(run.model.dynamics, run.codes.codes[:, 0] if alpha0 is None else alpha0, run.t)
+    return squared_sums(run.model.decode(run.points, codes), run.values)       # codes (R, T_in, S, D)
 
 
 def choose_ridge(run):
     """The ridge weight of the closed-form fit (one of RIDGES) whose alpha_0, fitted to frame 0 of
     every training window and integrated, forecasts the training horizon best: chosen on training
     data only, by the metric that selects best.pt (README: why the fit needs a ridge)."""
-    scores = []
-    for ridge in RIDGES:
-        alpha0 = fit_codes_closed_form(run.model.decoder, run.coords, run.values[:, 0], ridge=ridge).codes
-        with torch.no_grad():
-            pred = run.model.decode(run.points, rollout(run.model.dynamics, alpha0, run.t))
-        scores.append(squared_sums(pred, run.values))
-    err, ref = run.group.sum_(torch.stack(scores)).T                    # (len(RIDGES),) each
+    fit = [fit_codes_closed_form(run.model.decoder, run.coords, run.values[:, 0], ridge=r).codes for r in RIDGES]
+    err, ref = run.group.sum_(torch.stack([train_sums(run, alpha0) for alpha0 in fit])).T   # (len(RIDGES),)
     return RIDGES[int(torch.argmin(err / ref))]
 
 
@@ -371,15 +313,15 @@ def test_metric(run):
 def evaluate_and_save(run, progress, say, out, clock):
     """The metrics and one log line, then last.pt (and best.pt when train In-t improved). A
     non-finite loss, parameter or metric stops the run (NonFiniteLoss) before anything is saved."""
-    cfg, group = run.cfg, run.group
+    cfg, group, n = run.cfg, run.group, max(progress.losses, 1)
     state = [p.detach().sum() for p in run.model.parameters()] + [run.loss_sums.sum(), run.codes.weight.sum()]
     finite = not group.any(not torch.isfinite(torch.stack(state)).all())
     sums = group.sum_(torch.cat([run.loss_sums, train_sums(run)])).tolist() if finite else [math.nan] * 4
     if not all(map(math.isfinite, sums)):                    # parameters, losses or the training metric
         raise NonFiniteLoss(f"at epoch {progress.epoch}, iteration {progress.iteration}")
     entry = {"epoch": progress.epoch, "iteration": progress.iteration, "epsilon": epsilon(cfg, progress.iteration),
-             "loss_dec": sums[0] / max(progress.losses, 1), "loss_dyn": sums[1] / max(progress.losses, 1),
-             "train_in_t": sums[2] / max(sums[3], 1e-30), "test_in_t": None, "test_out_t": None}
+             "loss_dec": sums[0] / n, "loss_dyn": sums[1] / n, "train_in_t": sums[2] / max(sums[3], 1e-30),
+             "test_in_t": None, "test_out_t": None}
     if cfg.fit == "closed-form":
         entry["ridge"] = run.model.ridge.fill_(choose_ridge(run)).item()
     if group.rank == 0:
@@ -394,9 +336,8 @@ def evaluate_and_save(run, progress, say, out, clock):
     progress.history.append(entry)
     improved = entry["train_in_t"] < progress.best_train
     progress.best_train = min(progress.best_train, entry["train_in_t"])
-    save(run, progress, os.path.join(out, "last.pt"))
-    if improved:
-        save(run, progress, os.path.join(out, "best.pt"))
+    for name in ("last.pt", "best.pt") if improved else ("last.pt",):
+        save(run, progress, os.path.join(out, name))
 
 
 class NonFiniteLoss(RuntimeError):
@@ -453,7 +394,7 @@ def setup(cfg, *, device, data_dir):
     values = train_set.frames[lo:hi, :n_in].flatten(2, 3)[:, :, mask.flatten()]    # (R, T_in, N_obs, S)
     points = train_set.coords.flatten(0, 1)[mask.flatten()]                         # (N_obs, X)
     torch.manual_seed(cfg.seed)                                     # the same networks in every process
-    model = DINo(cfg, coord_dim=points.shape[-1], n_channels=values.shape[-1]).to(device)
+    model = build_model(cfg, coord_dim=points.shape[-1], n_channels=values.shape[-1]).to(device)
     params = list(model.parameters())
     flat_grad = torch.zeros(sum(p.numel() for p in params), device=device)
     for p, grad in zip(params, flat_grad.split([p.numel() for p in params])):
@@ -608,7 +549,7 @@ def model_from_checkpoint(state, device="cpu"):
     """(DINo, Config) from a checkpoint dict, ready to forecast on `device`."""
     try:
         cfg = Config(**state["config"])
-        model = DINo(cfg, coord_dim=state["coord_dim"], n_channels=state["n_channels"]).to(device)
+        model = build_model(cfg, coord_dim=state["coord_dim"], n_channels=state["n_channels"]).to(device)
         model.load_state_dict(state["model"])
     except (TypeError, RuntimeError, ValueError) as err:
         raise ValueError(f"the checkpoint's model does not load ({type(err).__name__}: "
@@ -622,14 +563,12 @@ def model_from_checkpoint(state, device="cpu"):
 @contextlib.contextmanager
 def stop_requests():
     """Ctrl-C, SIGTERM (sent by Slurm, docker, systemd, timeout) and SIGHUP ask the loop to stop
-    after the current step: the yielded list collects their numbers. Installed in the main thread
-    only (Python delivers signals there); the previous handlers come back afterwards."""
-    asked = []
-    if threading.current_thread() is not threading.main_thread():
-        yield asked
-        return
-    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {s: signal.signal(s, lambda signum, frame: asked.append(signum)) for s in stops}
+    after the current step: the yielded list collects their numbers. Outside the main thread
+    nothing is installed (Python delivers signals there only); old handlers come back afterwards."""
+    asked, previous = [], {}
+    with contextlib.suppress(ValueError):                   # signal.signal refuses other threads
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            previous[s] = signal.signal(s, lambda signum, frame: asked.append(signum))
     try:
         yield asked
     finally:
@@ -644,16 +583,14 @@ class Clock:
         self.start, self.before, self.minutes, self.device = time.time(), progress.elapsed, minutes, device
         self.first_iteration, self.marks, self.said = progress.iteration, [], False
 
-    def tick(self):
-        """Mark the end of the session's first two steps (the first warms up); a GPU is waited for,
-        these two times only. The second step's duration projects the training time."""
+    def tick(self, evaluating):
+        """Mark the end of a step: the session's first two are timed (the first warms up; a GPU is
+        waited for, these two times only). True once, when the first log line is due: after the
+        second step, or earlier when an evaluation comes first."""
         if len(self.marks) < 2:
             if self.device.startswith("cuda"):
                 torch.cuda.synchronize(self.device)
             self.marks.append(time.time())
-
-    def first_line_due(self, evaluating):
-        """True once: when two steps are timed, or earlier if an evaluation (or the end) comes first."""
         due = not self.said and (len(self.marks) == 2 or evaluating)
         self.said |= due
         return due
@@ -683,21 +620,18 @@ def summary(run, label, clock, progress):
     batch = f"{cfg.batch_size} per process, {world * cfg.batch_size} in all" if world > 1 and \
         cfg.schedule == "minibatch" else f"{cfg.batch_size}"
     per_epoch = clock.step * (1 if cfg.schedule == "epoch" else run.iterations_per_epoch)
+    decoder, dynamics = (sum(p.numel() for p in m.parameters()) for m in (run.model.decoder, run.model.dynamics))
     return (f"{cfg.pde} | {label or 'config given'} | {cfg.epochs} epochs of {run.n_windows} windows x {len(run.t)} "
-            f"frames, {int(run.mask.sum())}/{run.mask.numel()} points observed | decoder {count(run.model.decoder):,}"
-            f" + dynamics {count(run.model.dynamics):,} parameters | schedule {cfg.schedule}, minibatch {batch} | "
-            f"{world} process(es) on {run.group.device} | a step takes {clock.step:.2f} s: about "
-            f"{hms((cfg.epochs - progress.epoch) * per_epoch)} of training to go (evaluations add some)\n"
+            f"frames, {int(run.mask.sum())}/{run.mask.numel()} points observed | decoder {decoder:,} + dynamics "
+            f"{dynamics:,} parameters | schedule {cfg.schedule}, minibatch {batch} | {world} process(es) on "
+            f"{run.group.device} | a step takes {clock.step:.2f} s: about {hms((cfg.epochs - progress.epoch) * per_epoch)}"
+            f" of training to go (evaluations add some)\n"
             f"metrics: relative MSE (MSE / mean square of truth); train In-t selects best.pt, test is reported only")
 
 
 def hms(seconds):
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def count(module):
-    return sum(p.numel() for p in module.parameters())
 
 
 class Log:
@@ -720,7 +654,6 @@ class Log:
 # ---- command line: every Config field is a flag (--code-dim 64), its help the field's comment
 
 RANK = int(os.environ.get("RANK", 0))                               # under torchrun only process 0 prints
-FIELDS = [f.name for f in fields(Config) if f.name != "pde"]
 
 
 def parser():
@@ -739,17 +672,16 @@ def parser():
     p.add_argument("--threads", type=int, help="CPU threads for torch (on a busy machine 1 is often faster)")
     table = p.add_argument_group("config fields (default: the preset's; the Config table in train.py)")
     comments = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))
-    for name, kind in typing.get_type_hints(Config).items():
-        if name != "pde":
-            table.add_argument(f"--{name.replace('_', '-')}", type=kind, metavar=kind.__name__.upper(),
-                               choices={"schedule": SCHEDULES, "fit": FITS}.get(name), help=comments[name])
+    for f in fields(Config)[1:]:                                    # all but pde
+        table.add_argument(f"--{f.name.replace('_', '-')}", type=f.type, metavar=f.type.__name__.upper(),
+                           choices={"schedule": SCHEDULES, "fit": FITS}.get(f.name), help=comments[f.name])
     return p
 
 
 def resolve(args):
     """The run's (config, checkpoint to resume or None, out folder, device, label) or ValueError."""
     device = resolve_device(args.device)
-    given = {name: getattr(args, name) for name in FIELDS if getattr(args, name) is not None}
+    given = {f.name: getattr(args, f.name) for f in fields(Config)[1:] if getattr(args, f.name) is not None}
     if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes >= 0):
         raise ValueError(f"--minutes {args.minutes} must be a finite number >= 0")
     if args.threads is not None and args.threads < 1:
