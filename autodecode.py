@@ -11,7 +11,7 @@ the decoder is frozen and the code of a new observation is fitted to it: that is
 Five pieces, in the order a reader meets them:
 
 - `toy_linear_autodecoding()`: a linear decoder and its latents learned by alternating steps;
-  prints the loss before and after (the tutorial's toy example, rewritten);
+  prints the loss before and after: the whole idea on a problem solvable by hand;
 - `fit_codes(decoder, coords, values, mask)`: batched test-time inference by Adam, one code per
   sample and channel, keeping each sample's best code; one vectorised optimisation;
 - `fit_codes_closed_form(...)`: the same fit as a ridge-regularised least-squares solve, exact and

@@ -118,7 +118,7 @@ def evaluate(path, *, device="cpu", split="test", subsampling=None, mask_seed=No
     check_memory(windows * resolution ** 2 * spec.width_ratio, f"--resolution {resolution}", device)
     if points is not None:   # the sphere's truth also holds a Legendre table of nlat^2 values per point
         check_memory(points * (windows + (2 * spec.cut_from ** 2 if spec.cut_from else 0)), f"--points {points}", device)
-    out = out or default_out(path, cfg, split, subsampling, mask_seed, resolution, points)
+    out = out or default_out(path, cfg, split=split, rate=subsampling, seed=mask_seed, res=resolution, points=points)
     check_writable(out)
     data, observed, how, codes, pred = forecast_split(state, model, cfg, split=split, resolution=resolution,
                                                       rate=rate, seed=seed, data_dir=data_dir, device=device)
@@ -144,7 +144,7 @@ def evaluate(path, *, device="cpu", split="test", subsampling=None, mask_seed=No
         p = metrics["points"]
         log(f"free-form: {p['n']} random points ({p['truth']}): relative MSE In-t {p['rel_mse']['in_t']:.3e}, "
             f"Out-t {p['rel_mse']['out_t']:.3e}")
-    metrics["files"] = ["metrics.json"] + (draw(out, cfg, data, pred, observed) if pictures else [])
+    metrics["files"] = ["metrics.json"] + (draw(out, cfg, data, pred, observed=observed) if pictures else [])
     log(f"wrote {', '.join(os.path.join(out, f) for f in metrics['files'])}")
     return metrics
 
@@ -227,8 +227,8 @@ def figures(folder, runs, *, device="cpu", data_dir="data", log=print):
         elif not SPECS[cfg.pde].cut_from and "forecast.gif" not in files:
             files.append("forecast.gif")
             truth = data.frames[:4, ..., 0]                              # (windows, T, H, W)
-            save_gif(os.path.join(folder, files[-1]), truth, pred[:4, ..., 0].view_as(truth), data.t.cpu().numpy(), n,
-                     f"{cfg.pde} {SPECS[cfg.pde].channels[0]}")
+            save_gif(os.path.join(folder, files[-1]), truth, pred[:4, ..., 0].view_as(truth), data.t.cpu().numpy(),
+                     n_in_t=n, title=f"{cfg.pde} {SPECS[cfg.pde].channels[0]}")
     for ax, name in zip(axes, ("In-t", "Out-t")):
         ax.set(yscale="log", xlabel="epoch", title=f"test MSE, {name}")
     axes[1].legend(fontsize=7)
@@ -257,7 +257,7 @@ def save_frame(path, truth, pred, title):
         plt.close(fig)
 
 
-def save_gif(path, truth, pred, t, n_in_t, title):
+def save_gif(path, truth, pred, t, *, n_in_t, title):
     """Rows truth / prediction / error, one column per window, one GIF frame per time, and a time
     line with the training horizon marked. truth, pred (B, T, H, W): one channel, a few windows."""
     truth, pred = truth.cpu().numpy(), pred.cpu().numpy()
@@ -297,7 +297,7 @@ def save_gif(path, truth, pred, t, n_in_t, title):
         plt.close(fig)
 
 
-def save_error_plot(path, t, curves, n_in_t, title):
+def save_error_plot(path, t, curves, *, n_in_t, title):
     """MSE per frame (curves: label -> (T,) values) with In-t / Out-t shaded."""
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     step = (t[1] - t[0]) if len(t) > 1 else 1.0
@@ -316,7 +316,7 @@ def save_error_plot(path, t, curves, n_in_t, title):
         plt.close(fig)
 
 
-def draw(out, cfg, data, pred, observed):
+def draw(out, cfg, data, pred, *, observed):
     """One GIF per state channel (a few windows) and the MSE-vs-time PNG; returns file names."""
     B, T, H, W, S = data.frames.shape
     shown = min(B, 4 if H == W else 2)                                    # the sphere's panels are 2:1
@@ -325,24 +325,23 @@ def draw(out, cfg, data, pred, observed):
     files = []
     for s, name in enumerate(SPECS[cfg.pde].channels):
         files.append(f"forecast_{name}.gif")
-        save_gif(os.path.join(out, files[-1]), data.frames[:shown, ..., s], grid_pred[..., s], t, data.n_in_t,
-                 f"{cfg.pde} {name}")
+        save_gif(os.path.join(out, files[-1]), data.frames[:shown, ..., s], grid_pred[..., s], t, n_in_t=data.n_in_t,
+                 title=f"{cfg.pde} {name}")
     err = (pred - data.frames.flatten(2, 3)).pow(2).mean(-1).mean(0)     # (T, N)
     curves = {"all points": err.mean(1).cpu().numpy()}
     if not observed.all():
         curves["observed (In-s)"] = err[:, observed].mean(1).cpu().numpy()
         curves["unobserved (Out-s)"] = err[:, ~observed].mean(1).cpu().numpy()
-    save_error_plot(os.path.join(out, "mse_vs_time.png"), t, curves, data.n_in_t,
-                    f"{cfg.pde}: {data.split} MSE per frame ({B} windows)")
+    save_error_plot(os.path.join(out, "mse_vs_time.png"), t, curves, n_in_t=data.n_in_t,
+                    title=f"{cfg.pde}: {data.split} MSE per frame ({B} windows)")
     return files + ["mse_vs_time.png"]
 
 
-def default_out(path, cfg, split, subsampling, mask_seed, resolution, points):
+def default_out(path, cfg, *, split, rate, seed, res, points):
     run = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     name = os.path.splitext(os.path.basename(path))[0]
     tags = ([] if os.path.isdir(path) or name == "best" else [name]) + (["train"] if split == "train" else [])
-    for flag, value in (("res", resolution if resolution != cfg.size else None), ("s", subsampling),
-                        ("seed", mask_seed), ("points", points)):
+    for flag, value in (("res", res if res != cfg.size else None), ("s", rate), ("seed", seed), ("points", points)):
         if value is not None:
             tags.append(f"{flag}{value:g}")
     return os.path.join(run, "-".join(["eval"] + tags))

@@ -1,7 +1,7 @@
 """Gaussian random fields (GRF): the random initial states of the heat and Navier-Stokes data.
 
 DINo (Yin, Kirchmeyer et al., ICLR 2023), Sec. 5 and the appendix on data: the initial vorticity
-of Navier-Stokes (and, in the tutorial, the initial temperature of the heat equation) is a sample
+of Navier-Stokes (and here the initial temperature of the heat extension too) is a sample
 of a periodic Gaussian random field with mean zero and covariance
 
     C = sigma^2 (-Laplacian + tau^2)^(-alpha)        (alpha = 2.5, tau = 7 in the paper)
@@ -11,8 +11,8 @@ the Laplacian there, with -Laplacian e_k = 4 pi^2 |k|^2 e_k, so the field is dra
 
     u(x) = sum_k  sigma (4 pi^2 |k|^2 + tau^2)^(-alpha/2)  xi_k  e_k(x),    xi_k ~ N(0, 1) i.i.d.
 
-Three details that the sampler of the tutorial (and of the FNO code it comes from) leaves
-unexplained, spelled out here:
+Three details that the usual sampler (FNO's `GaussianRF`, the source of DINo's Navier-Stokes
+data) leaves unexplained, spelled out here:
 - Mean mode. The k = 0 coefficient is set to zero, so every sample has exactly zero mean. For
   Navier-Stokes this is required (a periodic vorticity integrates to zero); for heat it only
   removes a constant that diffusion would never change.

@@ -1,7 +1,7 @@
 """Our own PDE solvers and the datasets DINo trains on (heat, wave, Navier-Stokes, shallow water).
 
 DINo (Yin, Kirchmeyer et al., ICLR 2023), Sec. 5 "Experiments" and the appendix on datasets. The
-official code makes its data with py-pde (wave; the tutorial's heat), FNO's Crank-Nicolson +
+official code makes its data with py-pde (wave; heat is our extension), FNO's Crank-Nicolson +
 Euler script (Navier-Stokes) and Dedalus (the sphere). We replace all three with solvers that are
 exact in time where the PDE is linear and fourth order (planar) or second order (sphere) where it
 is not, all in torch (plus numpy for the sphere's Legendre tables), batched, on any device.

@@ -8,6 +8,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 
@@ -937,6 +938,19 @@ def test_resume_after_a_signal_equals_uninterrupted_and_on_another_device_value(
                train_py.load_checkpoint(str(tmp_path / "split" / "last.pt")))
     assert rest.history[-1]["loss_dec"] == pytest.approx(whole.history[-1]["loss_dec"], rel=1e-5)
     assert rest.history[-1]["test_out_t"] == pytest.approx(whole.history[-1]["test_out_t"], rel=1e-5)
+
+
+def test_stop_requests_collects_signals_and_restores_handlers_and_is_inert_outside_the_main_thread():
+    before = signal.getsignal(signal.SIGTERM)
+    with train_py.stop_requests() as asked:
+        os.kill(os.getpid(), signal.SIGTERM)                 # would end pytest without the handler
+        os.kill(os.getpid(), signal.SIGHUP)
+    assert asked == [signal.SIGTERM, signal.SIGHUP] and signal.getsignal(signal.SIGTERM) == before
+    seen = []                                                # training from a thread: no handler, no error
+    worker = threading.Thread(target=lambda: seen.append(train_py.stop_requests().__enter__()))
+    worker.start()
+    worker.join()
+    assert seen == [[]] and signal.getsignal(signal.SIGTERM) == before
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch, capsys):

@@ -223,14 +223,14 @@ def train(cfg, *, out, device="cpu", minutes=None, resume=None, data_dir="data",
                 if clock.tick(crossed):
                     say(summary(run, label, clock, progress))
                 if crossed:
-                    evaluate_and_save(run, progress, say, out, clock)
+                    evaluate_and_save(run, progress, say=say, out=out, clock=clock)
                 if progress.stop(run.group.agree_stop(asked, clock.out_of_time())):
                     break
     if clock.marks and not clock.said:                                   # a session of a single step
         say(summary(run, label, clock, progress))
     if progress.stopped in (None, "minutes"):
         if not progress.history or progress.history[-1]["iteration"] != progress.iteration:
-            evaluate_and_save(run, progress, say, out, clock)
+            evaluate_and_save(run, progress, say=say, out=out, clock=clock)
     else:
         progress.elapsed = clock.elapsed()
         save(run, progress, os.path.join(out, "last.pt"))
@@ -310,7 +310,7 @@ def test_metric(run):
     return relative_mse(pred[:, :n], truth[:, :n]), relative_mse(pred[:, n:], truth[:, n:])
 
 
-def evaluate_and_save(run, progress, say, out, clock):
+def evaluate_and_save(run, progress, *, say, out, clock):
     """The metrics and one log line, then last.pt (and best.pt when train In-t improved). A
     non-finite loss, parameter or metric stops the run (NonFiniteLoss) before anything is saved."""
     cfg, group, n = run.cfg, run.group, max(progress.losses, 1)
