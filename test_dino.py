@@ -947,7 +947,11 @@ def test_stop_requests_collects_signals_and_restores_handlers_and_is_inert_outsi
         os.kill(os.getpid(), signal.SIGHUP)
     assert asked == [signal.SIGTERM, signal.SIGHUP] and signal.getsignal(signal.SIGTERM) == before
     seen = []                                                # training from a thread: no handler, no error
-    worker = threading.Thread(target=lambda: seen.append(train_py.stop_requests().__enter__()))
+
+    def in_a_thread():
+        with train_py.stop_requests() as asked_there:
+            seen.append(asked_there)
+    worker = threading.Thread(target=in_a_thread)
     worker.start()
     worker.join()
     assert seen == [[]] and signal.getsignal(signal.SIGTERM) == before

@@ -105,8 +105,6 @@ CONFIGS = {  # planar [-1, 1] domains map to [0, 0.5] like the official [0, 1) o
 }
 PRESETS, SCHEDULES, FITS = ("quick", "paper"), ("epoch", "minibatch"), ("closed-form", "adam")
 RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)   # candidate ridge weights of the closed-form fit
-MODEL_FIELDS = ("code_dim", "hidden", "layers", "input_scale", "dyn_hidden", "coord_shift", "coord_scale", "fit",
-                "fit_steps", "fit_lr")          # the Config fields that DINo takes
 RULES = {  # field -> (test, what is allowed); every float must also be finite
     "pde": (lambda v: v in SPECS, ", ".join(SPECS)), "schedule": (lambda v: v in SCHEDULES, ", ".join(SCHEDULES)),
     "fit": (lambda v: v in FITS, ", ".join(FITS)), "subsampling": (lambda v: 0 < v <= 1, "(0, 1]"),
@@ -132,8 +130,10 @@ def check_config(cfg):
 
 
 def build_model(cfg, *, coord_dim, n_channels):
-    """The DINo that `cfg` describes (autodecode.py), freshly initialised."""
-    return DINo(coord_dim=coord_dim, n_channels=n_channels, **{name: getattr(cfg, name) for name in MODEL_FIELDS})
+    """The DINo that `cfg` describes (autodecode.py), freshly initialised: every Config field that
+    DINo takes by name (its signature says which), so the two never drift apart."""
+    taken = {name: getattr(cfg, name) for name in inspect.signature(DINo).parameters if hasattr(cfg, name)}
+    return DINo(coord_dim=coord_dim, n_channels=n_channels, **taken)
 
 
 # ---- one training step of Alg. 1: both problems, on any set of windows
@@ -596,7 +596,7 @@ class Clock:
         return due
 
     @property
-    def step(self):
+    def step_seconds(self):
         return self.marks[1] - self.marks[0] if len(self.marks) > 1 else self.marks[0] - self.start
 
     def session(self):
@@ -619,12 +619,12 @@ def summary(run, label, clock, progress):
     cfg, world = run.cfg, run.group.world
     batch = f"{cfg.batch_size} per process, {world * cfg.batch_size} in all" if world > 1 and \
         cfg.schedule == "minibatch" else f"{cfg.batch_size}"
-    per_epoch = clock.step * (1 if cfg.schedule == "epoch" else run.iterations_per_epoch)
+    per_epoch = clock.step_seconds * (1 if cfg.schedule == "epoch" else run.iterations_per_epoch)
     decoder, dynamics = (sum(p.numel() for p in m.parameters()) for m in (run.model.decoder, run.model.dynamics))
     return (f"{cfg.pde} | {label or 'config given'} | {cfg.epochs} epochs of {run.n_windows} windows x {len(run.t)} "
             f"frames, {int(run.mask.sum())}/{run.mask.numel()} points observed | decoder {decoder:,} + dynamics "
             f"{dynamics:,} parameters | schedule {cfg.schedule}, minibatch {batch} | {world} process(es) on "
-            f"{run.group.device} | a step takes {clock.step:.2f} s: about {hms((cfg.epochs - progress.epoch) * per_epoch)}"
+            f"{run.group.device} | a step takes {clock.step_seconds:.2f} s: about {hms((cfg.epochs - progress.epoch) * per_epoch)}"
             f" of training to go (evaluations add some)\n"
             f"metrics: relative MSE (MSE / mean square of truth); train In-t selects best.pt, test is reported only")
 
@@ -654,6 +654,7 @@ class Log:
 # ---- command line: every Config field is a flag (--code-dim 64), its help the field's comment
 
 RANK = int(os.environ.get("RANK", 0))                               # under torchrun only process 0 prints
+FLAGS = [f for f in fields(Config) if f.name != "pde"]              # the fields given as --name-with-dashes
 
 
 def parser():
@@ -672,16 +673,17 @@ def parser():
     p.add_argument("--threads", type=int, help="CPU threads for torch (on a busy machine 1 is often faster)")
     table = p.add_argument_group("config fields (default: the preset's; the Config table in train.py)")
     comments = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))
-    for f in fields(Config)[1:]:                                    # all but pde
+    for f in FLAGS:                                                 # argparse reads % in help as a format
         table.add_argument(f"--{f.name.replace('_', '-')}", type=f.type, metavar=f.type.__name__.upper(),
-                           choices={"schedule": SCHEDULES, "fit": FITS}.get(f.name), help=comments[f.name])
+                           choices={"schedule": SCHEDULES, "fit": FITS}.get(f.name),
+                           help=comments[f.name].replace("%", "%%"))
     return p
 
 
 def resolve(args):
     """The run's (config, checkpoint to resume or None, out folder, device, label) or ValueError."""
     device = resolve_device(args.device)
-    given = {f.name: getattr(args, f.name) for f in fields(Config)[1:] if getattr(args, f.name) is not None}
+    given = {f.name: getattr(args, f.name) for f in FLAGS if getattr(args, f.name) is not None}
     if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes >= 0):
         raise ValueError(f"--minutes {args.minutes} must be a finite number >= 0")
     if args.threads is not None and args.threads < 1:
