@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynamics import Dynamics, check_times, rollout
+from dynamics import Dynamics, check_times, rk4_rollout, rollout
 from inr import Decoder
 
 
@@ -176,7 +176,7 @@ def _checked(result):
 
 
 # ---- 2b. the same fit in closed form: the decoder is affine in the code
-def fit_codes_closed_form(decoder, coords, values, mask=None, *, ridge=1e-2):
+def fit_codes_closed_form(decoder, coords, values, mask=None, *, ridge=1e-2, check=True):
     """The ridge-regularised least-squares codes, per sample and channel, in one batched solve:
 
         alpha = argmin  sum over observed x of (a(x) + J(x) alpha - v(x))^2  +  ridge * N * |alpha|^2
@@ -187,29 +187,37 @@ def fit_codes_closed_form(decoder, coords, values, mask=None, *, ridge=1e-2):
     milliseconds instead of hundreds of Adam steps. Why a ridge: the exact minimiser (ridge = 0)
     fits the observed frame best but may lie far outside the codes the dynamics was trained on,
     where its forecast is poor; the ridge keeps the code small, as a few hundred Adam steps from
-    zero do implicitly. Solved in float64 (the normal equations square the condition number).
+    zero do implicitly. Solved in float64 (the normal equations square the condition number), by
+    one Cholesky factorisation shared by every sample when they share their points.
+    check=False (trusted data in a training loop): no input checks and no host reads, so a GPU
+    never waits; ridge may then be a tensor (> 0) on the device.
     """
-    if not ridge >= 0 or not math.isfinite(ridge):
-        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
-    mask = _check_fit_inputs(coords, values, mask)
+    if check:
+        if not ridge >= 0 or not math.isfinite(ridge):
+            raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+        mask = _check_fit_inputs(coords, values, mask)
+    elif mask is None:
+        mask = torch.ones(1, values.shape[1], dtype=torch.bool, device=values.device)
     n_channels = values.shape[2]
     with torch.no_grad():
-        parts = decoder.affine_parts(coords)                            # offset (G, N), jacobian (G, N, D)
-        jac = parts.jacobian.double() * mask[..., None]                 # (B or 1, N, D), unobserved rows 0
-        residual = torch.where(mask[..., None], values - parts.offset[..., None], 0.0).double()  # (B, N, S)
-        gram = jac.transpose(1, 2) @ jac                                # (B or 1, D, D)
-        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-        gram = gram + ridge * mask.sum(dim=1).double()[:, None, None] * eye
-        rhs = jac.transpose(1, 2) @ residual                            # (B, D, S)
-        if ridge > 0:
-            codes = torch.linalg.solve(gram.expand(len(rhs), -1, -1), rhs)  # (B, D, S)
+        parts = decoder.affine_parts(coords)            # offset (G, N), jacobian (G, N, D)
+        jac = parts.jacobian.double() * mask[..., None]  # (B or 1, N, D), unobserved rows 0
+        residual = torch.where(mask[..., None], values - parts.offset[..., None], 0.0).double()
+        rhs = jac.transpose(1, 2) @ residual            # (B, D, S)
+        gram = jac.transpose(1, 2) @ jac                # (B or 1, D, D)
+        if torch.is_tensor(ridge) or ridge > 0:
+            eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+            gram = gram + ridge * mask.sum(dim=1).double()[:, None, None] * eye
+            factor = torch.linalg.cholesky_ex(gram).L   # _ex: no error check, no host read
+            codes = torch.cholesky_solve(rhs, factor)   # (B, D, S); a (1, D, D) factor broadcasts
         else:  # may be rank-deficient: the minimum-norm least-squares solution
             codes = torch.linalg.pinv(gram, hermitian=True) @ rhs
-        codes = codes.transpose(1, 2).to(values.dtype)                  # (B, S, D)
+        codes = codes.transpose(1, 2).to(values.dtype)  # (B, S, D)
         pred = parts.offset[..., None] + parts.jacobian @ codes.transpose(1, 2)     # (B, N, S)
         err = torch.where(mask[..., None], pred - values, 0.0).pow(2).sum(dim=(1, 2))
-        loss = err / (mask.sum(dim=1) * n_channels)                     # (B,) MSE at observed points
-    return _checked(FitResult(codes=codes, loss=loss))
+        loss = err / (mask.sum(dim=1) * n_channels)     # (B,) MSE at observed points
+    result = FitResult(codes=codes, loss=loss)
+    return _checked(result) if check else result
 
 
 # ---- 3. training-time codes: one per (sequence, frame, channel), each row with its own Adam
@@ -295,20 +303,26 @@ class DINo(nn.Module):
         """Physical positions (..., X) -> decoder inputs (the affine map above)."""
         return (self._like(coords) + self.coord_shift) * self.coord_scale
 
-    def fit_codes(self, coords, values):
+    def fit_codes(self, coords, values, *, check=True):
         """alpha_0 (B, S, D) of observations values (B, N, S) at coords (N, X): a FitResult."""
         coords, values = self.map_coords(coords), self._like(values)
         if self.fit == "closed-form":
-            return fit_codes_closed_form(self.decoder, coords, values, ridge=self.ridge.item())
+            return fit_codes_closed_form(self.decoder, coords, values, ridge=self.ridge,
+                                         check=check)
         return fit_codes(self.decoder, coords, values, steps=self.fit_steps, lr=self.fit_lr)
 
-    def forecast_codes(self, coords, values, t):
+    def forecast_codes(self, coords, values, t, *, check=True):
         """Fit alpha_0 to values (B, N, S) observed at coords (N, X) at time t[0], then integrate
-        d alpha/dt = f_psi(alpha) to the times t (T,) -> codes (B, T, S, D)."""
+        d alpha/dt = f_psi(alpha) to the times t (T,) -> codes (B, T, S, D). check=False (the
+        training loop's evaluations, on trusted data): no input checks, and the fixed-step RK4
+        of dynamics.py instead of torchdiffeq's (equal to rounding): no host reads."""
         t = self._like(t)
-        check_times(t)
+        if check:
+            check_times(t)
+        integrate = rollout if check else rk4_rollout
         with torch.no_grad():
-            return rollout(self.dynamics, self.fit_codes(coords, values).codes, t - t[0])
+            return integrate(self.dynamics, self.fit_codes(coords, values, check=check).codes,
+                             t - t[0])
 
     def decode(self, coords, codes):
         """Codes (B, T, S, D) -> values (B, T, N, S) at coords (N, X). The decoder is affine in the
@@ -334,7 +348,10 @@ def benchmark(*, repeats=5, threads=1, anchor=False):
     `decode_direct` (the equations run per code, the official code's way), once, after the peak
     memory is read: a same-machine, same-load reference for the speed-up. One function on purpose:
     it reads as one script, set-up, the timed iteration, the timed fits, the report."""
-    from dynamics import restart_mask, rollout_with_restarts   # only the benchmark needs them
+    from dynamics import (  # only the benchmark needs them
+        restart_mask,
+        rollout_with_restarts,
+    )
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     n_seq, batch, frames, size, code_dim = 512, 32, 10, 64, 100

@@ -97,7 +97,8 @@ class PDESpec:
     windows: int             # windows of `window` frames per trajectory
     trajectories: dict       # split -> paper count (the default)
     sizes: dict              # split -> paper grid size (H)
-    make: Callable           # make(split, indices, size, verbose=) -> (n, windows * window, H, W, S)
+    make: Callable           # make(split, indices, size, verbose=, device=) -> (n, windows * window, H, W, S)
+                             # on the CPU, computed on `device`
     coords: Callable         # coords(size) -> (H, W, X) physical positions
     mask: Callable = lambda size: None  # size -> (H, W) bool default observation mask, or None
     settings: dict = field(default_factory=dict)  # physical settings, part of the cache key
@@ -120,19 +121,19 @@ SPECS = {
     "heat": PDESpec(
         channels=("u",), boundary="cosine", spacing=0.25, windows=2, trajectories={"train": 256, "test": 16},
         sizes={"train": 64, "test": 64},
-        make=lambda split, indices, size, verbose=False: make_heat(split, indices, size, verbose=verbose),
+        make=lambda *args, **kwargs: make_heat(*args, **kwargs),
         coords=lambda size: planar_coords(size, low=-1.0, high=1.0, cell_centred=True),
         settings=dict(diffusivity=0.1, grf=(2.5, 7.0), domain="[-1,1]^2 cell-centred, Neumann", dtype="float32")),
     "wave": PDESpec(
         channels=("u", "du_dt"), boundary="periodic", spacing=0.25, windows=8, trajectories={"train": 64, "test": 4},
         sizes={"train": 64, "test": 64},
-        make=lambda split, indices, size, verbose=False: make_wave(split, indices, size, verbose=verbose),
+        make=lambda *args, **kwargs: make_wave(*args, **kwargs),
         coords=lambda size: planar_coords(size, low=-1.0, high=1.0, cell_centred=False),
         settings=dict(speed=1.0 / 16, radius=(0.25, 0.30), height=(2.0, 4.0), domain="[-1,1)^2 periodic", dtype="float32")),
     "navier-stokes": PDESpec(
         channels=("vorticity",), boundary="periodic", spacing=1.0, windows=2, trajectories={"train": 256, "test": 16},
         sizes={"train": 64, "test": 64},
-        make=lambda split, indices, size, verbose=False: make_navier_stokes(split, indices, size, verbose=verbose),
+        make=lambda *args, **kwargs: make_navier_stokes(*args, **kwargs),
         coords=lambda size: planar_coords(size, low=0.0, high=1.0, cell_centred=False),
         settings=dict(viscosity=1e-3, spin_up=30.0, forcing="0.1(sin 2pi(x+y) + cos 2pi(x+y))",
                       grf=(2.5, 7.0), scheme="IF-RK4 cfl 2.0 float32", domain="[0,1)^2 periodic")),
@@ -142,8 +143,8 @@ SPECS = {
         channels=("height", "vorticity"), boundary="sphere", spacing=1.0, windows=8, trajectories={"train": 8, "test": 2},
         sizes={"train": 64, "test": 64}, cut_from=SPHERE_DATA_NLAT, width_ratio=2,
         most={"train": 16, "test": 2},  # a later paper trained on 16 runs: n_trajectories=16
-        make=lambda split, indices, size, verbose=False: shallow_water_trajectories(
-            split, indices, size=size, threads=1, verbose=verbose),
+        make=lambda split, indices, size, **kwargs: shallow_water_trajectories(
+            split, indices, size=size, threads=1, **kwargs),
         coords=lambda size: sphere_coords(size), mask=lambda size: latitude_mask(size),
         settings=dict(galewsky_u_max=(60.0, 80.0), hours=(160, 320), sim_nlat=SPHERE_DATA_NLAT,
                       dt=600.0, hyperdiffusion=SPHERE_HYPERDIFFUSION, scheme="IMEX RK222, 3/2 padding",
@@ -159,7 +160,9 @@ def load_dataset(pde, split, *, size=None, data_dir="data", n_trajectories=None,
     size: grid points along H (None = the paper's 64); n_trajectories: None = the paper's count,
     smaller = the first n trajectories of the full set. Generated on the first call and cached in
     data_dir under a name holding a hash of every setting, with a checksum of the data; a cached
-    file that is unreadable, stale or corrupted is reported in one line and regenerated. Errors:
+    file that is unreadable, stale or corrupted is reported in one line and regenerated. A set is
+    built on `device` (a GPU builds in seconds what a CPU thread builds in minutes; the results
+    differ by rounding only, so the cache does not record where). Errors:
     ValueError for bad arguments or a data_dir that cannot hold the cache (checked before any
     work), OSError when writing the cache fails (nothing is left behind).
     """
@@ -180,7 +183,8 @@ def load_dataset(pde, split, *, size=None, data_dir="data", n_trajectories=None,
         if verbose:
             grid = "x".join(map(str, reversed(spec.coords(size).shape[:2])))  # W x H (sphere: lon x lat)
             print(f"generating {pde} {split}: {n} trajectories on a {grid} grid -> {path}", flush=True)
-        payload = _build(pde, split, size=size, n=n, spec=spec, data_dir=data_dir, verbose=verbose)
+        payload = _build(pde, split, size=size, n=n, spec=spec, data_dir=data_dir, verbose=verbose,
+                         device=device)
         payload["settings"], payload["checksum"] = settings, _checksum(payload)
         save_torch(path, payload)
         if verbose:
@@ -254,14 +258,14 @@ def _read_cache(path, settings, expected_shape):
     return payload, None
 
 
-def _build(pde, split, *, size, n, spec, data_dir, verbose):
+def _build(pde, split, *, size, n, spec, data_dir, verbose, device):
     """The payload of a new cache file (all but its settings and checksum)."""
     if spec.cut_from and size != spec.cut_from:  # every k-th point of the (cached) full-size set
         stride = spec.cut_from // size
         frames = load_dataset(pde, split, size=spec.cut_from, data_dir=data_dir, n_trajectories=n,
-                              verbose=verbose).frames[:, :, ::stride, ::stride]  # (windows, T, H, W, S)
+                              verbose=verbose, device=device).frames[:, :, ::stride, ::stride].cpu()
     else:
-        full = spec.make(split, range(n), size, verbose=verbose)  # (n, windows * window, H, W, S)
+        full = spec.make(split, range(n), size, verbose=verbose, device=device)  # (n, T, H, W, S)
         frames = full[:, : spec.windows * spec.window].reshape(
             n * spec.windows, spec.window, *full.shape[2:])  # (windows, T, H, W, S), trajectory-major
     if not torch.isfinite(frames).all():
@@ -566,19 +570,23 @@ def _ns_interval(w_h, span, ops, *, viscosity, f_h, dt, cfl, max_cfl, max_halvin
 
 
 # ---------------------------------------------------------------------------- the dataset makers
-def in_batches(make_batch, indices, *, batch, label="", verbose=False):
-    """Concatenate make_batch(indices[i:i + batch]) over consecutive batches (dim 0).
+def in_batches(make_batch, indices, *, batch, label="", verbose=False, device="cpu",
+               bytes_each=0):
+    """Concatenate make_batch(indices[i:i + batch]) over consecutive batches (dim 0), on the CPU.
 
-    Each trajectory depends on its index only, so batching changes speed, never results. Small
-    batches keep the working set in cache, and on a CPU we run single-threaded: these 64x64
+    Each trajectory depends on its index only, so batching changes speed, never results. On a
+    CPU, small batches keep the working set in cache, and we run single-threaded: these 64x64
     transforms are too small to share between threads, and on a busy machine threads waiting for
-    each other made generation much slower (measured)."""
+    each other made generation much slower (measured). On a GPU, batches as large as its free
+    memory allows: GPU_SLACK times `bytes_each` (one trajectory's output) per trajectory."""
+    if device.startswith("cuda") and bytes_each:
+        batch = max(batch, int(torch.cuda.mem_get_info(device)[0] // (GPU_SLACK * bytes_each)))
     indices, out, start = list(indices), [], time.time()
     threads, last_print = torch.get_num_threads(), start
     torch.set_num_threads(1)
     try:
         for lo in range(0, len(indices), batch):
-            out.append(make_batch(indices[lo:lo + batch]))
+            out.append(make_batch(indices[lo:lo + batch]).cpu())
             done, now = min(lo + batch, len(indices)), time.time()
             if verbose and (now - last_print > 10 or done == len(indices)):  # every 10 s and at the end
                 last_print, spent = now, now - start
@@ -589,15 +597,21 @@ def in_batches(make_batch, indices, *, batch, label="", verbose=False):
     return torch.cat(out)
 
 
-def make_heat(split, indices, size, *, diffusivity=0.1, n_frames=40, spacing=0.25, verbose=False):
+GPU_SLACK = 40  # working memory of a dataset maker per byte of its output (generous: the solvers'
+# transforms hold a few dozen fields of a frame's size at once)
+
+
+def make_heat(split, indices, size, *, diffusivity=0.1, n_frames=40, spacing=0.25, verbose=False,
+              device="cpu"):
     """(n, n_frames, size, size, 1): GRF(alpha 2.5, tau 7) on the 64x64 cell centres of [-1,1]^2.
     Solved in float32 (exact in time; ~1e-6 relative round-off), evaluated on size x size."""
     times = spacing * torch.arange(n_frames)
 
     def make_batch(idx):
-        u0 = sample_grf(64, [trajectory_seed(split, i) for i in idx])  # (b, 64, 64) float32
+        u0 = sample_grf(64, [trajectory_seed(split, i) for i in idx], device=device)  # (b, 64, 64)
         return resample(solve_heat(u0, times, diffusivity=diffusivity), size, boundary="cosine")
-    return in_batches(make_batch, indices, batch=16, label=f"heat {split}", verbose=verbose)
+    return in_batches(make_batch, indices, batch=16, label=f"heat {split}", verbose=verbose,
+                      device=device, bytes_each=4 * n_frames * max(size, 64) ** 2)
 
 
 def wave_bump(size, seeds, *, dtype=torch.float64):
@@ -618,20 +632,22 @@ def wave_bump(size, seeds, *, dtype=torch.float64):
     return (height[:, None, None] * bump).to(dtype)
 
 
-def make_wave(split, indices, size, *, speed=1.0 / 16, n_frames=160, spacing=0.25, verbose=False):
+def make_wave(split, indices, size, *, speed=1.0 / 16, n_frames=160, spacing=0.25, verbose=False,
+              device="cpu"):
     """(n, n_frames, size, size, 2): bump at rest on the periodic 64x64 grid, channels (u, du/dt).
     Solved in float32 (exact in time), evaluated on size x size."""
     times = spacing * torch.arange(n_frames)
 
     def make_batch(idx):
-        u0 = wave_bump(64, [trajectory_seed(split, i) for i in idx], dtype=torch.float32)
+        u0 = wave_bump(64, [trajectory_seed(split, i) for i in idx], dtype=torch.float32).to(device)
         frames = solve_wave(u0, torch.zeros_like(u0), times, speed=speed)
         return resample(frames, size, boundary="periodic")
-    return in_batches(make_batch, indices, batch=4, label=f"wave {split}", verbose=verbose)
+    return in_batches(make_batch, indices, batch=4, label=f"wave {split}", verbose=verbose,
+                      device=device, bytes_each=8 * n_frames * max(size, 64) ** 2)
 
 
 def make_navier_stokes(split, indices, size, *, viscosity=1e-3, spin_up=30.0, n_frames=40,
-                       spacing=1.0, dtype=torch.float32, verbose=False):
+                       spacing=1.0, dtype=torch.float32, verbose=False, device="cpu"):
     """(n, n_frames, size, size, 1): GRF(alpha 2.5, tau 7) vorticity on 64x64, spun up for
     `spin_up` time units under the paper's forcing, then one frame every `spacing`.
 
@@ -641,10 +657,12 @@ def make_navier_stokes(split, indices, size, *, viscosity=1e-3, spin_up=30.0, n_
     times = spin_up + spacing * torch.arange(n_frames, dtype=torch.float64)
 
     def make_batch(idx):
-        w0 = sample_grf(64, [trajectory_seed(split, i) for i in idx], dtype=dtype)
-        frames = solve_navier_stokes(w0, times, viscosity=viscosity, forcing=ns_forcing(64, dtype=dtype))
+        w0 = sample_grf(64, [trajectory_seed(split, i) for i in idx], dtype=dtype, device=device)
+        forcing = ns_forcing(64, dtype=dtype, device=device)
+        frames = solve_navier_stokes(w0, times, viscosity=viscosity, forcing=forcing)
         return resample(frames, size, boundary="periodic")
-    return in_batches(make_batch, indices, batch=8, label=f"navier-stokes {split}", verbose=verbose)
+    return in_batches(make_batch, indices, batch=8, label=f"navier-stokes {split}", verbose=verbose,
+                      device=device, bytes_each=4 * n_frames * max(size, 64) ** 2)
 
 
 # ---------------------------------------------------------------------------- shallow water on the sphere
@@ -1086,13 +1104,13 @@ def _sphere_run_frames(solver, out_grid, *, stride, u_max, split, size, hours, s
     """The time loop of shallow_water_trajectories: (B, T, size, 2 size, 2) float32 frames."""
     device = solver.device
     x = sphere_galewsky_state(solver, u_max=u_max, bump="dedalus", mirror=True)
-    frames = torch.empty(len(u_max), hours[1] - hours[0], size, 2 * size, 2)
+    frames = torch.empty(len(u_max), hours[1] - hours[0], size, 2 * size, 2, device=device)
     start = time.perf_counter()
     for hour in range(hours[1]):
         if hour >= hours[0]:
             fields = out_grid.to_grid(torch.stack([x[:, 2], x[:, 0]], dim=1))[..., ::stride]   # (B, 2, H, W)
             scale = torch.tensor([SPHERE_HEIGHT_SCALE, SPHERE_VORT_SCALE], dtype=fields.dtype, device=device)
-            frames[:, hour - hours[0]] = (fields * scale[:, None, None]).permute(0, 2, 3, 1).float().cpu()
+            frames[:, hour - hours[0]] = (fields * scale[:, None, None]).permute(0, 2, 3, 1).float()
         if hour + 1 < hours[1]:                               # the last frame needs no step after it
             x = solver.advance(x, steps_per_hour)
         if verbose and ((hour + 1) % 40 == 0 or hour + 1 == hours[1]):
@@ -1101,7 +1119,7 @@ def _sphere_run_frames(solver, out_grid, *, stride, u_max, split, size, hours, s
                   f"{elapsed:.0f} s, ETA {elapsed / (hour + 1) * (hours[1] - hour - 1):.0f} s", flush=True)
     if not torch.isfinite(frames).all():
         raise RuntimeError("shallow-water simulation blew up (non-finite values); reduce the time step")
-    return frames
+    return frames.cpu()
 
 
 # ---------------------------------------------------------------------------- files and devices

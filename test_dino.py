@@ -10,7 +10,9 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from scipy.linalg import expm
 from scipy.special import factorial, lpmv
 from torchdiffeq import odeint
 
+import autodecode
 import evaluate as evaluate_py
 import grf
 import solvers
@@ -243,7 +246,7 @@ def tiny_sphere_spec(*, window):
     """The shallow-water spec on a 32x16 simulation of 2 windows of `window` hours (seconds, not
     the real set's minutes); everything else as load_dataset does it."""
     return replace(solvers.SPECS["shallow-water"], windows=2, window=window, n_in_t=window // 2, cut_from=16,
-                   make=lambda split, indices, size, verbose=False: solvers.shallow_water_trajectories(
+                   make=lambda split, indices, size, **kwargs: solvers.shallow_water_trajectories(
                        split, indices, size=size, sim_nlat=16, hours=(0, 2 * window), verbose=False))
 
 
@@ -1178,7 +1181,8 @@ def test_two_processes_equal_one_and_checkpoints_move_between_world_sizes(tmp_pa
     for proc in runs:
         code, out = finished(proc)
         assert code == 0, out
-    resumed = [torchrun(["--out", str(tmp_path / "one-2"), "--resume", "--data-dir", data_dir, "--epochs", "4"])]
+    resumed = [torchrun(["--out", str(tmp_path / "one-2"), "--resume", "--data-dir", data_dir, "--epochs", "4",
+                         "--device", "cpu"])]
     train_py.main(["--out", str(tmp_path / "two-2"), "--resume", "--data-dir", data_dir, "--epochs", "4"])
     whole = train_py.main(argv("one", 4))
     code, out = finished(resumed[0])
@@ -1245,11 +1249,73 @@ def test_a_signal_stops_every_process_once(tmp_path, data_dir, target):
     assert f"continue with: python train.py --out {out} --resume" in log
 
 
+def test_the_prepared_gpu_run_at_tiny_size_on_the_cpu(tmp_path):
+    summary = gpu_run(str(tmp_path), device="cpu", minutes=1.0, tiny=True, log=lambda line: None)
+    assert all(entry["status"] == "ok" for entry in summary.values()), summary
+    assert summary["epoch"]["ops"] <= 5000 and summary["epoch"]["host_reads"] == 0
+    assert summary["train"]["epochs"] == 3 and summary["checkpoint_on_cpu"]["tensor_devices"] == ["cpu"]
+    assert summary["torchrun"]["relative_difference_to_one"] <= 1e-5
+    assert json.loads((tmp_path / "summary.json").read_text()).keys() == summary.keys()
+
+
 def test_more_processes_than_windows_is_refused(tmp_path, data_dir):
     code, out = finished(torchrun(tiny_argv(tmp_path / "run", data_dir, "--n-train", "1", "--epochs", "1"),
                                   nproc=3))
     assert code != 0 and "3 processes for 2 training windows: each process needs at least one" in out
     assert out.count("each process needs") == 1 and not (tmp_path / "run").exists()
+
+
+def test_more_processes_than_gpus_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    # torchrun starting 2 processes on a machine with 1 GPU: one line naming both counts, exit 2,
+    # before the process group or any file (faked CUDA: this machine has none)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(train_py, "resolve_device", lambda name: "cuda")
+    with pytest.raises(SystemExit) as stop:
+        train_py.main(["--pde", "heat", "--device", "cuda", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err
+    assert "2 processes on this machine but 1 GPU(s)" in err and "--nproc_per_node=1" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_processes_agree_to_stop_at_evaluations_and_every_few_steps(monkeypatch):
+    # Under torchrun the stop check is a collective: taken at evaluations and every AGREE_EVERY
+    # steps, never in between, so a signal seen by one process stops every process at the same step
+    monkeypatch.setattr(train_py.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(train_py.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(train_py.dist, "get_world_size", lambda: 2)
+    calls = []
+
+    def all_reduce(flags, op):                 # the other process was asked to stop (SIGTERM)
+        calls.append(op)
+        flags[0] = max(int(flags[0]), int(signal.SIGTERM))
+    monkeypatch.setattr(train_py.dist, "all_reduce", all_reduce)
+    group, clock = train_py.Group("cpu"), train_py.Clock(train_py.Progress(rng=None), None, "cpu")
+    every = train_py.AGREE_EVERY
+    decisions = [group.agree_stop([], clock, evaluated=(step == 3)) for step in range(1, every + 1)]
+    assert decisions[:2] == [None, None] and decisions[2] == "SIGTERM"       # at the evaluation
+    assert decisions[3:-1] == [None] * (every - 4) and decisions[-1] == "SIGTERM"
+    assert len(calls) == 2 and calls[0] == train_py.dist.ReduceOp.MAX
+
+
+def test_evaluation_during_training_reads_the_device_once(tmp_path, data_dir, monkeypatch):
+    # the metrics, the ridge choice and the test forecast stay on the device: no .item() and one
+    # .tolist() per evaluation (a GPU waits once), through the fixed-step RK4, not torchdiffeq
+    run = train_py.setup(tiny_config(data_dir), device="cpu", data_dir=data_dir)
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or real_tolist(self))
+    monkeypatch.setattr(train_py, "save", lambda *args, **kwargs: None)
+    monkeypatch.setattr(autodecode, "rollout", None)         # torchdiffeq checks its inputs (reads)
+    counter, progress = CountOps(), train_py.Progress(rng=None, summed=1)
+    with counter:
+        train_py.evaluate_and_save(run, progress, say=lambda line: None, out=str(tmp_path),
+                                   clock=train_py.Clock(progress, None, "cpu"))
+    assert counter.syncs == 0 and len(reads) == 1
+    chosen = progress.history[-1]["ridge"]                  # the model's float32 buffer, read back
+    assert any(math.isclose(chosen, r, rel_tol=1e-6) for r in train_py.RIDGES) and run.model.ridge == chosen
 
 
 # ---- evaluate
@@ -1576,3 +1642,248 @@ def resume_check(folder, device):
     worst = same_state(train_py.load_checkpoint(os.path.join(folder, "whole", "last.pt")),
                        train_py.load_checkpoint(os.path.join(out, "last.pt")), rtol=1e-6)
     print(f"resume on {device}: {rest.iteration} = {whole.iteration} iterations, largest relative difference {worst:.1e}")
+
+
+# ---- the prepared GPU run: python test_dino.py gpu-run --out DIR [--minutes 6]
+# One command that turns a lent GPU's minutes into the paper's Navier-Stokes result and checks
+# every CUDA path on the way; the suite runs it at tiny sizes on the CPU, so it cannot rot.
+
+TINY_SIZES = dict(size=8, n_train=2, n_test=1, code_dim=8, hidden=16, layers=2, dyn_hidden=16,
+                  fit_steps=5)
+
+
+def as_flags(settings):
+    return [item for key, value in settings.items()
+            for item in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def gpu_run(out, *, device="cuda", minutes=6.0, tiny=False, log=print):
+    """Build the Navier-Stokes paper data on `device`, probe an epoch (ops, host syncs, time),
+    train the paper preset for 10,000 epochs or `minutes`, evaluate best.pt in the paper's
+    format, load the checkpoint on the CPU, check exact resume and two processes. Every step is
+    recorded in OUT/summary.json and summary.txt as soon as it ends (a failed step says why and
+    the next one runs). tiny=True: the same steps at tiny sizes (the test suite, on the CPU)."""
+    os.makedirs(out, exist_ok=True)
+    sizes, data = TINY_SIZES if tiny else {}, os.path.join(out, "data")
+    run_dir, cuda, summary = os.path.join(out, "navier-stokes-paper"), device.startswith("cuda"), {}
+
+    def record(step, work):
+        start = time.perf_counter()
+        try:
+            result, status = work(), "ok"
+        except BaseException as err:                              # noqa: BLE001 (report, go on)
+            result, status = {}, f"FAILED: {type(err).__name__}: {str(err)[:400]}"
+        summary[step] = {"status": status, "seconds": round(time.perf_counter() - start, 1),
+                         **result}
+        text = "\n".join(f"{name}: {json.dumps(entry)}" for name, entry in summary.items())
+        for name, body in (("summary.json", json.dumps(summary, indent=1)), ("summary.txt", text)):
+            solvers.write_atomic(os.path.join(out, name), lambda tmp: Path(tmp).write_text(body))
+        log(f"== {step}: {status}, {summary[step]['seconds']} s: {json.dumps(result)[:600]}")
+
+    record("environment", lambda: environment(device))
+    record("data", lambda: build_and_compare(data, device, sizes))
+    record("epoch", lambda: epoch_probe(device, data, sizes))
+    record("train", lambda: train_paper(run_dir, device, data, sizes, minutes, tiny))
+    record("evaluate", lambda: evaluate_paper(run_dir, device, data))
+    record("checkpoint_on_cpu", lambda: plain_load(os.path.join(run_dir, "last.pt")))
+    record("exact_resume", lambda: exact_resume(os.path.join(out, "resume"), device))
+    record("torchrun", lambda: two_processes(os.path.join(out, "torchrun"), device))
+    return summary
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def environment(device):
+    info = {"torch": torch.__version__, "device": device, "threads": torch.get_num_threads()}
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpus=torch.cuda.device_count(),
+                    memory_gib=round(props.total_memory / 2 ** 30, 1), cuda=torch.version.cuda)
+    return info
+
+
+def build_and_compare(data, device, sizes):
+    """The paper's Navier-Stokes sets built on `device` (timed), then a few trajectories of each
+    planar PDE made on the CPU and on `device`: how far apart (the cache does not say where a
+    set was built)."""
+    size, n = sizes.get("size", 64), sizes.get("n_train", 256)
+    start = time.perf_counter()
+    for split, count in (("train", n), ("test", sizes.get("n_test", 16))):
+        solvers.load_dataset("navier-stokes", split, size=size, n_trajectories=count,
+                             data_dir=data, device=device, verbose=False)
+    sync(device)
+    result = {"build_s": round(time.perf_counter() - start, 1)}
+    for pde in ("heat", "wave", "navier-stokes"):
+        make = solvers.SPECS[pde].make
+        here, there = (make("test", range(1 if sizes else 2), size, device=d) for d in ("cpu", device))
+        result[f"{pde}_cpu_vs_device"] = {
+            "max_abs_over_max": ((here - there).abs().max() / here.abs().max()).item(),
+            "relative_l2": ((here - there).norm() / here.norm()).item()}
+    return result
+
+
+def epoch_probe(device, data, sizes):
+    """One Navier-Stokes paper epoch, after two to warm up: aten ops, host reads, GPU syncs
+    (CUDA's sync debug mode), time per epoch, GPU busy time (profiler) and one evaluation."""
+    cfg = replace(train_py.CONFIGS[("navier-stokes", "paper")], **sizes)
+    run = train_py.setup(cfg, device=device, data_dir=data)
+    progress = train_py.Progress(rng=run.generator.get_state())
+
+    def epoch():
+        plan = train_py.plan_epoch(run, progress)
+        for s in plan.steps:
+            train_py.train_step(run, plan.rows[s], plan.weight[s], plan.restart[s])
+            progress.advance(plan, run.generator, 10 ** 9)
+    epoch(), epoch()
+    counter = CountOps()
+    with counter:
+        epoch()
+    result = {"ops": counter.ops, "host_reads": counter.syncs}
+    cuda = device.startswith("cuda")
+    if cuda:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            epoch()
+            torch.cuda.set_sync_debug_mode(0)
+        result["gpu_syncs"] = sum("synchroniz" in str(w.message) for w in seen)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            epoch()
+            sync(device)
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        result["gpu_busy_ms"] = round(sum(e.time_range.elapsed_us() for e in kernels) / 1e3, 2)
+        result["gpu_kernels"] = len(kernels)
+    sync(device)
+    start, n = time.perf_counter(), 20 if cuda else 2
+    for _ in range(n):
+        epoch()
+    sync(device)
+    result["epoch_ms"] = round(1e3 * (time.perf_counter() - start) / n, 2)
+    start = time.perf_counter()
+    with torch.no_grad():
+        train_py.measure(run).tolist()
+    result["evaluation_ms"] = round(1e3 * (time.perf_counter() - start), 1)
+    return result
+
+
+def train_paper(run_dir, device, data, sizes, minutes, tiny):
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    argv = ["--pde", "navier-stokes", "--preset", "paper", "--device", device, "--out", run_dir,
+            "--data-dir", data, "--minutes", str(minutes), *as_flags(sizes)]
+    progress = train_py.main(argv + (["--epochs", "3", "--eval-every", "2"] if tiny else []))
+    peak = (torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
+    return {"epochs": progress.epoch, "stopped_by": progress.stopped,
+            "training_s": round(progress.elapsed, 1),
+            "epochs_per_s": round(progress.epoch / max(progress.elapsed, 1e-9), 2),
+            "peak_memory_gib": round(peak, 2), "best_epoch": best_epoch(run_dir),
+            "first_log_line": open(os.path.join(run_dir, "log.txt")).readline().strip()}
+
+
+def best_epoch(run_dir):
+    return train_py.load_checkpoint(run_dir)["progress"]["epoch"]
+
+
+def evaluate_paper(run_dir, device, data):
+    """best.pt on the test windows: the paper's table (MSE, In-t / Out-t) and the relative MSE."""
+    metrics = evaluate_py.evaluate(run_dir, device=device, data_dir=data, pictures=False,
+                                   log=lambda line: None)
+    table = evaluate_py.format_table(metrics)
+    return {"epoch": metrics["epoch"], "table": table.splitlines(),
+            "mse": {k: v["all"] for k, v in metrics["mse"].items()},
+            "relative_mse": {k: v["all"] for k, v in metrics["rel_mse"].items()},
+            "persistence_mse": {k: v["all"] for k, v in metrics["persistence"]["mse"].items()}}
+
+
+def plain_load(path):
+    """A plain torch.load of a checkpoint (no map_location), as on a machine without a GPU:
+    every tensor in it must already be on the CPU."""
+    state = torch.load(path, weights_only=True)
+    devices = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            [walk(v) for v in node.values()]
+        elif isinstance(node, (list, tuple)):
+            [walk(v) for v in node]
+        elif torch.is_tensor(node):
+            devices.add(str(node.device))
+    walk(state)
+    assert devices == {"cpu"}, devices
+    return {"tensor_devices": sorted(devices)}
+
+
+def exact_resume(folder, device):
+    """resume_check in a fresh process, deterministic kernels (a GPU's cuBLAS needs the
+    workspace setting)."""
+    env = dict(os.environ, CUBLAS_WORKSPACE_CONFIG=":4096:8")
+    code = ("import sys, torch, test_dino; torch.use_deterministic_algorithms(True); "
+            "test_dino.resume_check(sys.argv[1], sys.argv[2])")
+    run = subprocess.run([sys.executable, "-c", code, folder, device], capture_output=True,
+                         text=True, timeout=600, cwd=HERE, env=env)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-2000:]
+    return {"result": run.stdout.strip().splitlines()[-1]}
+
+
+def two_processes(folder, device):
+    """Two processes (torchrun) against one on a tiny heat run: NCCL with two GPUs; with one
+    GPU, the refusal of two NCCL processes, then both processes on that GPU through gloo; on a
+    CPU, gloo."""
+    gpus = torch.cuda.device_count() if device.startswith("cuda") else 0
+    data, result = os.path.join(folder, "data"), {"gpus": gpus}
+    argv = lambda out, dev: tiny_argv(os.path.join(folder, out), data, "--schedule", "epoch",
+                                      "--epochs", "4", "--device", dev, batch=3, every=3)
+    one = train_py.main(argv("one", device))
+    if gpus == 1:
+        code, printed = finished(torchrun(argv("refused", device)), timeout=300)
+        result["two_nccl_on_one_gpu"] = {"exit": code, "said": [line for line in printed.splitlines()
+                                                                if "GPU(s)" in line][:1]}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "test_dino.py", "shared-device-train", *argv("two", device)], cwd=HERE,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        result["how"] = "2 processes on the one GPU through gloo"
+    else:
+        proc = torchrun(argv("two", device))
+        result["how"] = "2 processes, NCCL" if gpus else "2 processes on the CPU, gloo"
+    code, printed = finished(proc, timeout=300)
+    assert code == 0, printed[-2000:]
+    two = train_py.load_checkpoint(os.path.join(folder, "two", "last.pt"))
+    result["relative_difference_to_one"] = same_state(
+        train_py.load_checkpoint(os.path.join(folder, "one", "last.pt")), two, rtol=1e-5)
+    result["iterations"] = [one.iteration, two["progress"]["iteration"]]
+    return result
+
+
+def shared_device_train(argv):
+    """train.py's main with every torchrun process on the device it is given, through gloo
+    (NCCL refuses two processes on one GPU): the 2-process check on a 1-GPU machine."""
+    import torch.distributed as dist
+
+    def start(device):
+        dist.init_process_group("gloo")
+        return device
+    train_py.start_processes = start
+    train_py.main(argv)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["shared-device-train"]:
+        shared_device_train(sys.argv[2:])
+    else:
+        import argparse
+        cli = argparse.ArgumentParser(prog="test_dino.py", description="gpu-run: " + gpu_run.__doc__)
+        cli.add_argument("command", choices=["gpu-run"])
+        cli.add_argument("--out", default="runs/gpu", help="folder of the run, data and summary")
+        cli.add_argument("--minutes", type=float, default=6.0, help="training budget (default 6)")
+        cli.add_argument("--device", default="cuda")
+        cli.add_argument("--tiny", action="store_true", help="tiny sizes (what the suite runs)")
+        args = cli.parse_args()
+        summary = gpu_run(args.out, device=args.device, minutes=args.minutes, tiny=args.tiny)
+        failed = [step for step, entry in summary.items() if entry["status"] != "ok"]
+        print(f"summary: {args.out}/summary.txt; " + (f"FAILED: {', '.join(failed)}" if failed else "all steps ok"))
+        sys.exit(1 if failed else 0)

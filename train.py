@@ -3,33 +3,33 @@
 Alg. 1 solves two problems together (the paper's Eq. 5-6):
   1. auto-decoding: the decoder D_phi and one code alpha_t per (window, frame, channel) minimise
      the reconstruction error of the observed points, L_dec = |v_t(x) - D_phi(alpha_t)(x)|^2;
-  2. dynamics: f_psi is fitted to the learned code sequences (codes DETACHED, so the dynamics never
-     bends the representation): L_dyn = |alpha_t - (alpha_0 + int_0^t f_psi(alpha) dt)|^2,
+  2. dynamics: f_psi is fitted to the learned code sequences (codes DETACHED, so the dynamics
+     never bends the representation): L_dyn = |alpha_t - (alpha_0 + int_0^t f_psi(alpha) dt)|^2,
      RK4 at the frame times with scheduled restarts from the learned codes (teacher forcing).
-Adam with the paper's rates: decoder 1e-2, codes and dynamics 1e-3; each code row has its own Adam.
-The model (decoder + dynamics + the fit of alpha_0) is `autodecode.DINo`.
+Adam with the paper's rates: decoder 1e-2, codes and dynamics 1e-3; each code row has its own
+Adam. The model (decoder + dynamics + the fit of alpha_0) is `autodecode.DINo`.
 
-The paper's schedule (`schedule="epoch"`): the codes step after every minibatch, the decoder and the
-dynamics once per epoch on gradients summed over its minibatches. Within an epoch the networks are
-frozen and every code row is read once, just before its own step, so the whole epoch is ONE step
-on the sum of all windows' losses, each weighted by 1 / (size of its minibatch): that is how it is
-computed here. `schedule="minibatch"` steps all three every minibatch (the same error sooner).
-Several processes (torchrun) each own a fixed shard of the windows and their codes; the network
-gradients are summed over processes once per step, so the numbers are those of one process.
+The paper's schedule (`schedule="epoch"`): the codes step after every minibatch, the decoder and
+the dynamics once per epoch on gradients summed over its minibatches. Within an epoch the networks
+are frozen and every code row is read once, just before its own step, so the whole epoch is ONE
+step on the sum of all windows' losses, each weighted by 1 / (size of its minibatch): that is how
+it is computed here. `schedule="minibatch"` steps all three every minibatch (the same error
+sooner). Several processes (torchrun) each own a fixed shard of the windows and their codes; the
+network gradients are summed over processes once per step, so the numbers are those of one process.
+Nothing inside an epoch waits for a GPU: no value is read back and no index tensor is copied over.
 
 Usage:
-    python train.py --pde heat                      # quick preset on a CPU, paper on a GPU (1st log line)
+    python train.py --pde heat                 # quick preset on a CPU, paper on a GPU
     python train.py --pde navier-stokes --preset paper --device cuda
     torchrun --standalone --nproc_per_node=4 train.py --pde navier-stokes --device cuda
     python train.py --out runs/heat-quick --resume  # continue where a run stopped
-    python evaluate.py runs/heat-quick              # metrics table, GIFs, error plot
+    python evaluate.py runs/heat-quick         # metrics table, GIFs, error plot
 """
 import argparse
 import contextlib
-import inspect
+import datetime
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -39,82 +39,108 @@ import torch
 import torch.distributed as dist
 
 from autodecode import CodeTable, DINo, fit_codes_closed_form
-from dynamics import epsilon_schedule, restart_mask, rollout, rollout_with_restarts
-from solvers import SPECS, check_writable, load_dataset, load_torch, observation_mask, resolve_device, save_torch
+from dynamics import epsilon_schedule, restart_mask, rk4_rollout, rollout_with_restarts
+from solvers import (
+    SPECS,
+    check_writable,
+    load_dataset,
+    load_torch,
+    observation_mask,
+    resolve_device,
+    save_torch,
+)
 
 # ---- configuration: one table, every PDE x preset
 
 
+def setting(default, help):
+    """A Config field and its --help text (every field is also a command-line flag)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class Config:
-    pde: str                    # a dataset of solvers.py: heat | wave | navier-stokes | shallow-water
+    pde: str = setting(None, "a dataset of solvers.py: heat | wave | navier-stokes | shallow-water")
     # data
-    size: int = 64              # grid points along H (planar H = W = size; sphere nlat = size, nlon = 2*size)
-    n_train: int = 256          # training trajectories (each gives several windows of 20 frames)
-    n_test: int = 16            # test trajectories (report only, never used for selection)
-    subsampling: float = 1.0    # fraction of grid points observed in training (paper: 0.05 / 0.25 / 1)
-    mask_seed: int = 0          # seed of that random observation mask
+    size: int = setting(64, "grid points along H (planar H = W = size; sphere: nlat = size, "
+                            "nlon = 2 size)")
+    n_train: int = setting(256, "training trajectories (each gives windows of 20 frames)")
+    n_test: int = setting(16, "test trajectories (reported only, never used for selection)")
+    subsampling: float = setting(1.0, "fraction of grid points observed in training "
+                                      "(paper: 0.05, 0.25, 1)")
+    mask_seed: int = setting(0, "seed of that random observation mask")
     # coordinates: the decoder sees (x + coord_shift) * coord_scale (the official code feeds
     # planar points in [0, 0.5], the range its input_scale of 64 was tuned for)
-    coord_shift: float = 0.0    # added to physical coordinates
-    coord_scale: float = 0.5    # then multiplied; stored in every checkpoint
+    coord_shift: float = setting(0.0, "added to physical coordinates ...")
+    coord_scale: float = setting(0.5, "... then multiplied: the decoder's input (in checkpoints)")
     # model (the official Navier-Stokes sizes)
-    code_dim: int = 100         # D: code size per state channel
-    hidden: int = 64            # decoder width K (even: sin and cos halves)
-    layers: int = 3             # decoder hidden layers
-    input_scale: float = 64.0   # decoder filter frequency scale
-    dyn_hidden: int = 512       # width of the dynamics MLP f_psi
+    code_dim: int = setting(100, "D: code size per state channel")
+    hidden: int = setting(64, "decoder width K (even: sin and cos halves)")
+    layers: int = setting(3, "decoder hidden layers")
+    input_scale: float = setting(64.0, "decoder filter frequency scale")
+    dyn_hidden: int = setting(512, "width of the dynamics MLP f_psi")
     # optimisation
-    batch_size: int = 32        # windows per minibatch (per process under torchrun)
-    epochs: int = 10_000        # training length (the official script ran 120,000, stopped by hand; a re-run 10,000)
-    schedule: str = "epoch"     # 'epoch': decoder and dynamics step once per epoch (paper) | 'minibatch'
-    lr_decoder: float = 1e-2    # Adam rate of the decoder
-    lr_codes: float = 1e-3      # Adam rate of the code rows
-    lr_dynamics: float = 1e-3   # Adam rate of f_psi
-    eps_start: float = 0.99     # teacher forcing: restart probability at iteration 0 ...
-    eps_decay: float = 0.99     # ... multiplied by this ...
-    eps_every: int = 100        # ... every this many iterations (minibatches) ...
-    eps_floor: float = 1e-3     # ... and counted as 0 below this
+    batch_size: int = setting(32, "windows per minibatch (per process under torchrun)")
+    epochs: int = setting(10_000, "training length (the official script ran 120,000, stopped "
+                                  "by hand; a re-run 10,000)")
+    schedule: str = setting("epoch", "'epoch': decoder and dynamics step once per epoch "
+                                     "(paper) | 'minibatch': everything every minibatch")
+    lr_decoder: float = setting(1e-2, "Adam rate of the decoder")
+    lr_codes: float = setting(1e-3, "Adam rate of the code rows")
+    lr_dynamics: float = setting(1e-3, "Adam rate of f_psi")
+    eps_start: float = setting(0.99, "teacher forcing: restart probability at iteration 0 ...")
+    eps_decay: float = setting(0.99, "... multiplied by this ...")
+    eps_every: int = setting(100, "... every this many iterations (minibatches) ...")
+    eps_floor: float = setting(1e-3, "... and counted as 0 below this")
     # inference: fitting alpha_0 of a new observation
-    fit: str = "closed-form"    # 'closed-form': ridge least squares, ridge chosen on training windows | 'adam'
-    fit_steps: int = 300        # 'adam': steps from zero (best code kept) ...
-    fit_lr: float = 1e-2        # ... and their rate
+    fit: str = setting("closed-form", "'closed-form': ridge least squares, ridge chosen on "
+                                      "training windows | 'adam'")
+    fit_steps: int = setting(300, "'adam': steps from zero (best code kept) ...")
+    fit_lr: float = setting(1e-2, "... and their rate")
     # bookkeeping
-    eval_every: int = 500       # iterations (minibatches) between evaluations and checkpoints
-    seed: int = 0               # initialisation, shuffling and restart draws
+    eval_every: int = setting(500, "iterations (minibatches) between evaluations and checkpoints")
+    seed: int = setting(0, "initialisation, shuffling and restart draws")
 
 
 PAPER = Config(pde="navier-stokes")   # the official Navier-Stokes settings: the base of every preset
-QUICK = replace(PAPER, size=32, code_dim=32, dyn_hidden=128, batch_size=16, schedule="minibatch", fit_steps=200,
-                lr_codes=3e-3)
-CONFIGS = {  # planar [-1, 1] domains map to [0, 0.5] like the official [0, 1) ones; the sphere's xyz
-    # are scaled by 0.5 (quick preset: better than 0.25, 1 and 2, README). Quick: small grids, fewer
-    # trajectories, smaller nets, every minibatch steps everything, codes at 3e-3 (README: per-row Adam).
+# Quick: small grids, fewer trajectories, smaller nets, every minibatch steps everything, codes at
+# 3e-3 (README: per-row Adam). Planar [-1, 1] domains map to [0, 0.5] like the official [0, 1)
+# ones; the sphere's xyz are scaled by 0.5 (quick preset: better than 0.25, 1 and 2).
+QUICK = replace(PAPER, size=32, code_dim=32, dyn_hidden=128, batch_size=16, schedule="minibatch",
+                fit_steps=200, lr_codes=3e-3)
+PLANE = dict(coord_shift=1.0, coord_scale=0.25)   # [-1, 1] -> [0, 0.5]
+CONFIGS = {
     ("navier-stokes", "paper"): PAPER,
-    ("heat", "paper"): replace(PAPER, pde="heat", coord_shift=1.0, coord_scale=0.25),  # no official config
-    ("wave", "paper"): replace(PAPER, pde="wave", coord_shift=1.0, coord_scale=0.25, n_train=64, n_test=4,
-                               code_dim=50, dyn_hidden=256, fit_steps=500),
-    ("shallow-water", "paper"): replace(PAPER, pde="shallow-water", n_train=8, n_test=2, code_dim=200, hidden=256,
-                                        layers=6, dyn_hidden=800, batch_size=4, fit_steps=500, eval_every=200),
-    ("heat", "quick"): replace(QUICK, pde="heat", coord_shift=1.0, coord_scale=0.25, n_train=128, n_test=8,
-                               epochs=800),
-    ("wave", "quick"): replace(QUICK, pde="wave", coord_shift=1.0, coord_scale=0.25, n_train=16, n_test=2,
-                               epochs=1500),
-    ("navier-stokes", "quick"): replace(QUICK, pde="navier-stokes", n_train=64, n_test=8, epochs=1500),
-    ("shallow-water", "quick"): replace(QUICK, pde="shallow-water", n_train=4, n_test=1, batch_size=8, epochs=3000),
+    ("heat", "paper"): replace(PAPER, pde="heat", **PLANE),     # no official config
+    ("wave", "paper"): replace(PAPER, pde="wave", **PLANE, n_train=64, n_test=4, code_dim=50,
+                               dyn_hidden=256, fit_steps=500),
+    ("shallow-water", "paper"): replace(PAPER, pde="shallow-water", n_train=8, n_test=2,
+                                        code_dim=200, hidden=256, layers=6, dyn_hidden=800,
+                                        batch_size=4, fit_steps=500, eval_every=200),
+    ("heat", "quick"): replace(QUICK, pde="heat", **PLANE, n_train=128, n_test=8, epochs=800),
+    ("wave", "quick"): replace(QUICK, pde="wave", **PLANE, n_train=16, n_test=2, epochs=1500),
+    ("navier-stokes", "quick"): replace(QUICK, pde="navier-stokes", n_train=64, n_test=8,
+                                        epochs=1500),
+    ("shallow-water", "quick"): replace(QUICK, pde="shallow-water", n_train=4, n_test=1,
+                                        batch_size=8, epochs=3000),
 }
 PRESETS, SCHEDULES, FITS = ("quick", "paper"), ("epoch", "minibatch"), ("closed-form", "adam")
 RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)   # candidate ridge weights of the closed-form fit
+AT_LEAST_1 = ("n_train", "n_test", "code_dim", "layers", "dyn_hidden", "batch_size", "eps_every",
+              "eval_every")
 RULES = {  # field -> (test, what is allowed); every float must also be finite
-    "pde": (lambda v: v in SPECS, ", ".join(SPECS)), "schedule": (lambda v: v in SCHEDULES, ", ".join(SCHEDULES)),
-    "fit": (lambda v: v in FITS, ", ".join(FITS)), "subsampling": (lambda v: 0 < v <= 1, "(0, 1]"),
-    "size": (lambda v: v >= 4, ">= 4"), "hidden": (lambda v: v >= 2 and v % 2 == 0, "even, >= 2"),
-    "coord_scale": (lambda v: v != 0, "non-zero"), "eps_start": (lambda v: 0 <= v <= 1, "[0, 1]"),
-    "eps_decay": (lambda v: 0 < v <= 1, "(0, 1]"), "eps_floor": (lambda v: 0 <= v < 1, "[0, 1)"),
+    "pde": (lambda v: v in SPECS, ", ".join(SPECS)),
+    "schedule": (lambda v: v in SCHEDULES, ", ".join(SCHEDULES)),
+    "fit": (lambda v: v in FITS, ", ".join(FITS)),
+    "subsampling": (lambda v: 0 < v <= 1, "(0, 1]"), "size": (lambda v: v >= 4, ">= 4"),
+    "hidden": (lambda v: v >= 2 and v % 2 == 0, "even, >= 2"),
+    "coord_scale": (lambda v: v != 0, "non-zero"),
+    "eps_start": (lambda v: 0 <= v <= 1, "[0, 1]"), "eps_decay": (lambda v: 0 < v <= 1, "(0, 1]"),
+    "eps_floor": (lambda v: 0 <= v < 1, "[0, 1)"),
     **{name: (lambda v: v >= 0, ">= 0") for name in ("epochs", "fit_steps", "seed", "mask_seed")},
-    **{name: (lambda v: v >= 1, ">= 1") for name in ("n_train", "n_test", "code_dim", "layers", "dyn_hidden",
-                                                    "batch_size", "eps_every", "eval_every")},
-    **{name: (lambda v: v > 0, "> 0") for name in ("input_scale", "lr_decoder", "lr_codes", "lr_dynamics", "fit_lr")},
+    **{name: (lambda v: v >= 1, ">= 1") for name in AT_LEAST_1},
+    **{name: (lambda v: v > 0, "> 0")
+       for name in ("input_scale", "lr_decoder", "lr_codes", "lr_dynamics", "fit_lr")},
 }
 
 
@@ -130,10 +156,12 @@ def check_config(cfg):
 
 
 def build_model(cfg, *, coord_dim, n_channels):
-    """The DINo that `cfg` describes (autodecode.py), freshly initialised: every Config field that
-    DINo takes by name (its signature says which), so the two never drift apart."""
-    taken = {name: getattr(cfg, name) for name in inspect.signature(DINo).parameters if hasattr(cfg, name)}
-    return DINo(coord_dim=coord_dim, n_channels=n_channels, **taken)
+    """The DINo (autodecode.py) that `cfg` describes, freshly initialised."""
+    return DINo(coord_dim=coord_dim, n_channels=n_channels, code_dim=cfg.code_dim,
+                hidden=cfg.hidden, layers=cfg.layers, input_scale=cfg.input_scale,
+                dyn_hidden=cfg.dyn_hidden, coord_shift=cfg.coord_shift,
+                coord_scale=cfg.coord_scale, fit=cfg.fit, fit_steps=cfg.fit_steps,
+                fit_lr=cfg.fit_lr)
 
 
 # ---- one training step of Alg. 1: both problems, on any set of windows
@@ -143,28 +171,30 @@ def train_step(run, rows, weight, restart):
     """One optimiser step on this process's windows `rows` (R,): each window's L_dec + L_dyn,
     times weight (R,), summed; restart (R, T-1) the teacher-forcing draws. The code rows step at
     once, each with its own Adam; the networks after their gradients are summed over processes.
-    In chunks of windows only where memory needs it (run.chunk, sized from the data). Nothing is
-    read back to the host: the losses accumulate on the device in run.loss_sums."""
-    run.flat_grad.zero_()                                                # every .grad is a view of it
-    for chunk in torch.arange(len(rows)).split(run.chunk):
-        ids, w = rows[chunk], weight[chunk]
-        codes = run.codes(ids).requires_grad_()                          # (R, T, S, D)
-        pred = run.model.decoder(run.coords, codes)                      # (R, T, N_obs, S)
-        loss_dec = (pred - run.values.index_select(0, ids)).pow(2).mean(dim=(1, 2, 3))     # (R,)
-        target = codes.detach()                                          # L_dyn never bends the codes
-        path = rollout_with_restarts(run.model.dynamics, target, run.t, restart[chunk])  # (R, T, S, D)
-        loss_dyn = (path - target).pow(2).mean(dim=(1, 2, 3))            # (R,)
-        ((loss_dec + loss_dyn) * w).sum().backward()                     # two graphs, one backward
+    In chunks of windows only where memory needs it (run.chunk). All on the device: the chunks
+    are slices (no index tensor to copy over) and the losses stay in run.loss_sums."""
+    run.flat_grad.zero_()                                          # every .grad is a view of it
+    for lo in range(0, len(rows), run.chunk):
+        part = slice(lo, lo + run.chunk)
+        ids, w = rows[part], weight[part]
+        codes = run.codes(ids).requires_grad_()                    # (R, T, S, D)
+        pred = run.model.decoder(run.coords, codes)                # (R, T, N_obs, S)
+        truth = run.values.index_select(0, ids)
+        loss_dec = (pred - truth).pow(2).mean(dim=(1, 2, 3))       # (R,)
+        target = codes.detach()                                    # L_dyn never bends the codes
+        path = rollout_with_restarts(run.model.dynamics, target, run.t, restart[part])
+        loss_dyn = (path - target).pow(2).mean(dim=(1, 2, 3))      # (R,)
+        ((loss_dec + loss_dyn) * w).sum().backward()               # two graphs, one backward
         run.codes.step(ids, codes.grad)
         run.loss_sums += torch.stack([(loss_dec * w).sum(), (loss_dyn * w).sum()]).detach()
-    run.group.sum_(run.flat_grad)                                        # one all-reduce (SUM)
+    run.group.sum_(run.flat_grad)                                  # one all-reduce (SUM)
     run.optimiser.step()
 
 
 @dataclass
 class EpochPlan:
     """What one epoch does, drawn at its start from the run's CPU generator: the same draws on
-    every device and in every process, so that any number of processes computes the same epoch."""
+    every device and in every process, so any number of processes computes the same epoch."""
     rows: torch.Tensor          # (R,) this process's windows (local rows) in the order they step
     weight: torch.Tensor        # (R,) loss weight: 1 / (windows in its minibatch, all processes)
     restart: torch.Tensor       # (R, T-1) bool teacher-forcing restarts
@@ -174,42 +204,44 @@ class EpochPlan:
 
 def plan_epoch(run, progress):
     cfg, (lo, hi), n, bs = run.cfg, run.shard, run.n_windows, run.cfg.batch_size
-    run.generator.set_state(progress.rng)                                # the state at the epoch's start
-    perm = torch.randperm(n, generator=run.generator)                    # the global shuffle
-    uniform = torch.rand(n, len(run.t) - 1, generator=run.generator)    # restart draws, by window
-    if cfg.schedule == "epoch":  # ONE step; minibatch k of the shuffle gives each window's weight and epsilon
+    run.generator.set_state(progress.rng)                          # the state at the epoch's start
+    perm = torch.randperm(n, generator=run.generator)              # the global shuffle
+    uniform = torch.rand(n, len(run.t) - 1, generator=run.generator)   # restart draws, by window
+    if cfg.schedule == "epoch":  # ONE step; the shuffle's minibatches give weights and epsilon
         position = torch.empty_like(perm)
         position[perm] = torch.arange(n)
         mine = torch.arange(lo, hi)
-        batch = position[mine] // bs                                     # (R,) its minibatch
+        batch = position[mine] // bs                               # (R,) its minibatch
         size = (n - batch * bs).clamp(max=bs)
         n_batches = -(-n // bs)
         steps, iterations = [slice(0, hi - lo)], n_batches
-    else:  # one step per minibatch of this process's windows; a step's size counts every process's
+    else:  # a step per minibatch of this process's windows; its size counts every process's
         mine = perm[(perm >= lo) & (perm < hi)]
-        batch = torch.arange(hi - lo) // bs                              # (R,) its step
+        batch = torch.arange(hi - lo) // bs                        # (R,) its step
         sizes = [b - a for a, b in run.group.shards(n)]
         n_batches, shards = -(-max(sizes) // bs), torch.tensor(sizes)
         size = (shards[None] - bs * torch.arange(n_batches)[:, None]).clamp(0, bs).sum(1)[batch]
         steps, iterations = [slice(k * bs, (k + 1) * bs) for k in range(n_batches)], 1
-    start = progress.iteration - progress.step * iterations              # iteration at the epoch's start
-    eps = torch.tensor([epsilon(cfg, start + k) for k in range(n_batches)])[batch]   # (R,) per iteration
+    start = progress.iteration - progress.step * iterations        # iteration at the epoch start
+    eps = torch.tensor([epsilon(cfg, start + k) for k in range(n_batches)])[batch]   # (R,)
     return EpochPlan(rows=run.to_device(mine - lo), weight=run.to_device(1.0 / size),
-                     restart=run.to_device(restart_mask(uniform[mine], eps)), steps=steps, iterations=iterations)
+                     restart=run.to_device(restart_mask(uniform[mine], eps)), steps=steps,
+                     iterations=iterations)
 
 
 def epsilon(cfg, iteration):
-    return epsilon_schedule(iteration, start=cfg.eps_start, decay=cfg.eps_decay, every=cfg.eps_every,
-                            floor=cfg.eps_floor)
+    return epsilon_schedule(iteration, start=cfg.eps_start, decay=cfg.eps_decay,
+                            every=cfg.eps_every, floor=cfg.eps_floor)
 
 
 # ---- the loop: Alg. 1, with an evaluation and a checkpoint every eval_every iterations
 
 
-def train(cfg, *, out, device="cpu", minutes=None, resume=None, data_dir="data", label="", log=print):
-    """Train DINo with `cfg` into folder `out` (under torchrun: together with the other processes).
-    resume: a checkpoint dict to continue exactly (written on any device, by any number of processes).
-    Returns the Progress, with `stopped` saying why: 'epochs', 'minutes' or the signal's name."""
+def train(cfg, *, out, device="cpu", minutes=None, resume=None, data_dir="data", label="",
+          log=print):
+    """Train DINo with `cfg` into folder `out` (under torchrun: with the other processes).
+    resume: a checkpoint dict to continue exactly (written on any device, by any number of
+    processes). Returns the Progress, `stopped` saying why: 'epochs', 'minutes' or a signal."""
     check_config(cfg)
     run = setup(cfg, device=device, data_dir=data_dir)
     progress = Progress(rng=run.generator.get_state()) if resume is None else restore(run, resume)
@@ -220,22 +252,23 @@ def train(cfg, *, out, device="cpu", minutes=None, resume=None, data_dir="data",
             for s in plan.steps[progress.step:]:
                 train_step(run, plan.rows[s], plan.weight[s], plan.restart[s])
                 crossed = progress.advance(plan, run.generator, cfg.eval_every)
-                if clock.tick(crossed):
+                if clock.first_line_due(crossed):
                     say(summary(run, label, clock, progress))
                 if crossed:
                     evaluate_and_save(run, progress, say=say, out=out, clock=clock)
-                if progress.stop(run.group.agree_stop(asked, clock.out_of_time())):
+                if progress.stop(run.group.agree_stop(asked, clock, crossed)):
                     break
-    if clock.marks and not clock.said:                                   # a session of a single step
+    if clock.ends and not clock.said:                              # a session of a single step
         say(summary(run, label, clock, progress))
     if progress.stopped in (None, "minutes"):
         if not progress.history or progress.history[-1]["iteration"] != progress.iteration:
             evaluate_and_save(run, progress, say=say, out=out, clock=clock)
     else:
         progress.elapsed = clock.elapsed()
-        save(run, progress, os.path.join(out, "last.pt"))
-        say(f"stopped by {progress.stopped} at epoch {progress.epoch}, iteration {progress.iteration}: saved "
-            f"{out}/last.pt; continue with: python train.py --out {out} --resume")
+        save(run, progress, [os.path.join(out, "last.pt")])
+        say(f"stopped by {progress.stopped} at epoch {progress.epoch}, iteration "
+            f"{progress.iteration}: saved {out}/last.pt; continue with: python train.py --out "
+            f"{out} --resume")
     progress.stopped = progress.stopped or "epochs"
     return progress
 
@@ -243,22 +276,22 @@ def train(cfg, *, out, device="cpu", minutes=None, resume=None, data_dir="data",
 @dataclass
 class Progress:
     """Where a run stands; all of it but `stopped` goes into the checkpoint."""
-    rng: torch.Tensor                   # the CPU generator's state at the start of the current epoch
-    epoch: int = 0                      # epochs completed
-    step: int = 0                       # optimiser steps done in the current epoch
-    iteration: int = 0                  # minibatches done (the epsilon schedule and eval_every count them)
-    losses: int = 0                     # minibatches in run.loss_sums (since the last evaluation)
-    elapsed: float = 0.0                # seconds of training, all sessions
-    best_train: float = math.inf        # best train In-t so far (selects best.pt)
+    rng: torch.Tensor              # the CPU generator's state at the start of the current epoch
+    epoch: int = 0                 # epochs completed
+    step: int = 0                  # optimiser steps done in the current epoch
+    iteration: int = 0             # minibatches done (the epsilon schedule and eval_every count)
+    summed: int = 0                # minibatches whose losses run.loss_sums holds
+    elapsed: float = 0.0           # seconds of training, all sessions
+    best_train: float = math.inf   # best train In-t so far (selects best.pt)
     history: list = field(default_factory=list)   # one dict per evaluation
-    stopped: str = None                 # why this session stopped, once it has
+    stopped: str = None            # why this session stopped, once it has
 
     def advance(self, plan, generator, eval_every):
         """Count one optimiser step; True when it crosses a multiple of eval_every."""
         before = self.iteration
         self.step, self.iteration = self.step + 1, self.iteration + plan.iterations
-        self.losses += plan.iterations
-        if self.step == len(plan.steps):                                # the epoch is done
+        self.summed += plan.iterations
+        if self.step == len(plan.steps):                           # the epoch is done
             self.epoch, self.step, self.rng = self.epoch + 1, 0, generator.get_state()
         return self.iteration // eval_every > before // eval_every
 
@@ -267,77 +300,104 @@ class Progress:
         return reason is not None
 
 
-# ---- evaluation during training: train (selection), ridge (fit), test (report only)
+# ---- evaluation during training: train (selection), ridge (fit), test (report only). Every
+# number is computed on the device and read back ONCE per evaluation.
 
 
 def squared_sums(pred, truth):
-    """(sum of squared errors, sum of squared truth), a (2,) tensor: their ratio is the relative MSE."""
+    """(sum of squared errors, sum of squared truth), a (2,) tensor: their ratio is the relative
+    MSE."""
     return torch.stack([(pred - truth).pow(2).sum(), truth.pow(2).sum()])
 
 
 def relative_mse(pred, truth):
-    """MSE / mean square of the truth: 1.0 is 'no better than predicting zero', whatever the units."""
+    """MSE / mean square of the truth: 1.0 is 'no better than predicting zero', whatever the
+    units."""
     err, ref = squared_sums(pred, truth).tolist()
     return err / max(ref, 1e-30)
 
 
-def train_sums(run, alpha0=None):
-    """The forecast of this process's training windows over the training horizon, at the observed
-    points, from their LEARNED alpha_0 (or from `alpha0` (R, S, D)), as squared_sums: the selection
-    metric (training data only)."""
-    with torch.no_grad():
-        codes = rollout(run.model.dynamics, run.codes.codes[:, 0] if alpha0 is None else alpha0, run.t)
-    return squared_sums(run.model.decode(run.points, codes), run.values)       # codes (R, T_in, S, D)
+def forecast_sums(run, alpha0):
+    """alpha0 (K, R, S, D): K sets of starting codes of this process's training windows -> (K, 2)
+    squared_sums of their forecasts over the training horizon at the observed points, all K
+    integrated in one batch."""
+    codes = rk4_rollout(run.model.dynamics, alpha0.flatten(0, 1), run.t)   # (K R, T_in, S, D)
+    codes = codes.unflatten(0, alpha0.shape[:2])
+    return torch.stack([squared_sums(run.model.decode(run.points, c), run.values) for c in codes])
 
 
-def choose_ridge(run):
-    """The ridge weight of the closed-form fit (one of RIDGES) whose alpha_0, fitted to frame 0 of
-    every training window and integrated, forecasts the training horizon best: chosen on training
-    data only, by the metric that selects best.pt (README: why the fit needs a ridge)."""
-    fit = [fit_codes_closed_form(run.model.decoder, run.coords, run.values[:, 0], ridge=r).codes for r in RIDGES]
-    err, ref = run.group.sum_(torch.stack([train_sums(run, alpha0) for alpha0 in fit])).T   # (len(RIDGES),)
-    return RIDGES[int(torch.argmin(err / ref))]
+def test_sums(run):
+    """(4,): squared_sums In-t, then Out-t, of every test window forecast from its frame 0
+    (observed points) and decoded on the full grid: reported, never used for selection."""
+    test, n = run.test, run.test.n_in_t
+    truth = test.frames.flatten(2, 3)                                     # (B, T, N, S)
+    points = test.coords.flatten(0, 1)                                    # (N, X)
+    seen = run.observed                                                   # (N_obs,) long
+    codes = run.model.forecast_codes(points[seen], truth[:, 0, seen], test.t, check=False)
+    pred = run.model.decode(points, codes)
+    return torch.cat([squared_sums(pred[:, :n], truth[:, :n]),
+                      squared_sums(pred[:, n:], truth[:, n:])])
 
 
-def test_metric(run):
-    """Relative MSE of the forecast of every test window from its frame 0 (observed points),
-    decoded on the full grid, In-t and Out-t: reported, never used for selection."""
-    test, observed = run.test, run.mask.flatten()
-    truth = test.frames.flatten(2, 3)                                   # (B, T, N, S)
-    points = test.coords.flatten(0, 1)                                  # (N, X)
-    pred = run.model.decode(points, run.model.forecast_codes(points[observed], truth[:, 0, observed], test.t))
-    n = test.n_in_t
-    return relative_mse(pred[:, :n], truth[:, :n]), relative_mse(pred[:, n:], truth[:, n:])
+def measure(run):
+    """The evaluation's numbers on the device, summed over processes: loss sums (2), train In-t
+    (2: the forecast from the LEARNED alpha_0 selects best.pt), a non-finite flag, then with the
+    closed-form fit the chosen ridge, and test In-t and Out-t (4, process 0 only). The ridge: of
+    RIDGES, the one whose alpha_0, fitted to frame 0 of every training window, forecasts the
+    training horizon best (training data only; README: why the fit needs a ridge); it is chosen
+    on the device and stored in the model."""
+    state = [p.detach().sum() for p in run.model.parameters()]
+    state = torch.stack(state + [run.loss_sums.sum(), run.codes.weight.sum()])
+    starts = [run.codes.codes[:, 0]]                                # (R, S, D) each
+    if run.cfg.fit == "closed-form":
+        starts += [fit_codes_closed_form(run.model.decoder, run.coords, run.values[:, 0],
+                                         ridge=r, check=False).codes for r in RIDGES]
+    sums = forecast_sums(run, torch.stack(starts))                  # (1 or 1 + len(RIDGES), 2)
+    flag = (~torch.isfinite(state).all()).float()[None]
+    numbers = run.group.sum_(torch.cat([run.loss_sums, sums[0], flag, sums[1:].flatten()]))
+    tail = []
+    if run.cfg.fit == "closed-form":                              # the best forecast of training
+        err, ref = numbers[5:].view(-1, 2).T                      # windows from fitted alpha_0
+        ridge = run.ridges.gather(0, torch.argmin(err / ref)[None])
+        tail.append(run.model.ridge.copy_(ridge[0])[None])
+    test = test_sums(run) if run.group.rank == 0 else numbers.new_zeros(4)
+    return torch.cat([numbers[:5]] + tail + [test])
 
 
 def evaluate_and_save(run, progress, *, say, out, clock):
     """The metrics and one log line, then last.pt (and best.pt when train In-t improved). A
     non-finite loss, parameter or metric stops the run (NonFiniteLoss) before anything is saved."""
-    cfg, group, n = run.cfg, run.group, max(progress.losses, 1)
-    state = [p.detach().sum() for p in run.model.parameters()] + [run.loss_sums.sum(), run.codes.weight.sum()]
-    finite = not group.any(not torch.isfinite(torch.stack(state)).all())
-    sums = group.sum_(torch.cat([run.loss_sums, train_sums(run)])).tolist() if finite else [math.nan] * 4
-    if not all(map(math.isfinite, sums)):                    # parameters, losses or the training metric
+    cfg, n = run.cfg, max(progress.summed, 1)
+    with torch.no_grad():
+        values = measure(run).tolist()                             # the evaluation's one read
+    agreed = values[:-4]                                           # the same in every process
+    if not all(map(math.isfinite, agreed)) or agreed[4]:
         raise NonFiniteLoss(f"at epoch {progress.epoch}, iteration {progress.iteration}")
-    entry = {"epoch": progress.epoch, "iteration": progress.iteration, "epsilon": epsilon(cfg, progress.iteration),
-             "loss_dec": sums[0] / n, "loss_dyn": sums[1] / n, "train_in_t": sums[2] / max(sums[3], 1e-30),
+    test = values[-4:]
+    entry = {"epoch": progress.epoch, "iteration": progress.iteration,
+             "epsilon": epsilon(cfg, progress.iteration), "loss_dec": values[0] / n,
+             "loss_dyn": values[1] / n, "train_in_t": values[2] / max(values[3], 1e-30),
              "test_in_t": None, "test_out_t": None}
     if cfg.fit == "closed-form":
-        entry["ridge"] = run.model.ridge.fill_(choose_ridge(run)).item()
-    if group.rank == 0:
-        entry["test_in_t"], entry["test_out_t"] = test_metric(run)
+        entry["ridge"] = values[5]
+    if run.group.rank == 0:
+        entry["test_in_t"] = test[0] / max(test[1], 1e-30)
+        entry["test_out_t"] = test[2] / max(test[3], 1e-30)
     run.loss_sums.zero_()
-    progress.losses = 0
+    progress.summed = 0
     entry["elapsed"] = progress.elapsed = clock.elapsed()
-    say(f"epoch {entry['epoch']} | iter {entry['iteration']} | eps {entry['epsilon']:.3f} | dec {entry['loss_dec']:.2e} | "
-        f"dyn {entry['loss_dyn']:.2e} | train In-t {entry['train_in_t']:.2e} | test In-t {entry['test_in_t'] or 0:.2e} "
-        f"Out-t {entry['test_out_t'] or 0:.2e}" + (f" | ridge {entry['ridge']:.0e}" if "ridge" in entry else "")
-        + f" | {hms(entry['elapsed'])} | ETA {hms(clock.eta(progress, cfg.epochs * run.iterations_per_epoch))}")
+    eta = clock.eta(progress, cfg.epochs * run.iterations_per_epoch)
+    say(f"epoch {entry['epoch']} | iter {entry['iteration']} | eps {entry['epsilon']:.3f} | "
+        f"dec {entry['loss_dec']:.2e} | dyn {entry['loss_dyn']:.2e} | train In-t "
+        f"{entry['train_in_t']:.2e} | test In-t {entry['test_in_t'] or 0:.2e} Out-t "
+        f"{entry['test_out_t'] or 0:.2e}"
+        + (f" | ridge {entry['ridge']:.0e}" if "ridge" in entry else "")
+        + f" | {hms(entry['elapsed'])} | ETA {hms(eta)}")
     progress.history.append(entry)
     improved = entry["train_in_t"] < progress.best_train
     progress.best_train = min(progress.best_train, entry["train_in_t"])
-    for name in ("last.pt", "best.pt") if improved else ("last.pt",):
-        save(run, progress, os.path.join(out, name))
+    names = ("last.pt", "best.pt") if improved else ("last.pt",)
+    save(run, progress, [os.path.join(out, name) for name in names])
 
 
 class NonFiniteLoss(RuntimeError):
@@ -345,35 +405,40 @@ class NonFiniteLoss(RuntimeError):
 
 
 class BadData(ValueError):
-    """The run's data or checkpoint was refused (raised before anything is written)."""
+    """The run's data, processes or checkpoint were refused (before anything is written)."""
 
 
 # ---- data and set-up
 
-STEP_ELEMENTS = 2 ** 26  # (window, frame, point, channel) values per chunk of a training step: 256 MiB in float32
+BYTES_PER_VALUE = 64  # memory of a training step per (window, frame, point, channel) value,
+# intermediates included (measured on the CPU: about 1.2 GiB for the 21M values of an epoch)
+CPU_CHUNK = 2 ** 26   # values per chunk on a CPU: 256 MiB per float32 tensor, 4 GiB in all
 
 
 @dataclass
 class Run:
-    """Everything a training run holds: this process's windows and codes, the model, its optimiser."""
+    """Everything a training run holds: this process's windows and codes, the model, its
+    optimiser."""
     cfg: Config
-    group: "Group"                  # this process among the torchrun processes (1 of 1 without torchrun)
+    group: "Group"                # this process among the torchrun processes (1 of 1 without)
     model: DINo
-    optimiser: torch.optim.Adam     # two groups: decoder (lr_decoder), dynamics (lr_dynamics)
-    flat_grad: torch.Tensor         # every network gradient in one buffer (.grad are views of it)
-    codes: CodeTable                # alpha: this process's rows, one per (window, frame, channel)
-    generator: torch.Generator      # on the CPU: shuffles and restart draws, the same everywhere
-    n_windows: int                  # training windows, all processes
-    shard: tuple                    # (lo, hi): the windows this process owns
-    iterations_per_epoch: int       # minibatches per epoch (per process under the minibatch schedule)
-    values: torch.Tensor            # (R, T_in, N_obs, S): its windows inside the horizon, observed points
-    points: torch.Tensor            # (N_obs, X) physical positions of the observed points
-    coords: torch.Tensor            # (N_obs, X) the same, mapped for the decoder
-    t: torch.Tensor                 # (T_in,) frame times inside the horizon
-    mask: torch.Tensor              # (H, W) bool: the observed grid points
-    test: object                    # PDEData: the test split (report only)
-    chunk: int                      # windows per chunk of a training step (memory)
-    loss_sums: torch.Tensor         # (2,) weighted L_dec and L_dyn since the last evaluation
+    optimiser: torch.optim.Adam   # two groups: decoder (lr_decoder), dynamics (lr_dynamics)
+    flat_grad: torch.Tensor       # every network gradient in one buffer (.grad are views of it)
+    codes: CodeTable              # alpha: this process's rows, one per (window, frame, channel)
+    generator: torch.Generator    # on the CPU: shuffles and restart draws, the same everywhere
+    n_windows: int                # training windows, all processes
+    shard: tuple                  # (lo, hi): the windows this process owns
+    iterations_per_epoch: int     # minibatches per epoch (per process under 'minibatch')
+    values: torch.Tensor          # (R, T_in, N_obs, S): its windows in the horizon, observed
+    points: torch.Tensor          # (N_obs, X) physical positions of the observed points
+    coords: torch.Tensor          # (N_obs, X) the same, mapped for the decoder
+    t: torch.Tensor               # (T_in,) frame times inside the horizon
+    mask: torch.Tensor            # (H, W) bool: the observed grid points
+    observed: torch.Tensor        # (N_obs,) long: their indices in the flattened grid
+    test: object                  # PDEData: the test split (report only)
+    ridges: torch.Tensor          # (len(RIDGES),) the candidate ridges, on the device
+    chunk: int                    # windows per chunk of a training step (memory)
+    loss_sums: torch.Tensor       # (2,) weighted L_dec and L_dyn since the last evaluation
 
     def to_device(self, tensor):
         """A CPU tensor on the run's device without blocking the host (through pinned memory)."""
@@ -384,49 +449,68 @@ class Run:
 def setup(cfg, *, device, data_dir):
     group = Group(device)
     train_set, test = load_data(cfg, device=device, data_dir=data_dir, group=group)
-    mask = observation_mask(train_set, cfg.subsampling, cfg.mask_seed)             # (H, W)
+    mask = observation_mask(train_set, cfg.subsampling, cfg.mask_seed)          # (H, W)
     n_windows, n_in = len(train_set.frames), train_set.n_in_t
     if group.world > n_windows:
-        raise BadData(f"{group.world} processes for {n_windows} training windows: each process needs at "
-                      f"least one; use at most {n_windows} processes")
+        raise BadData(f"{group.world} processes for {n_windows} training windows: each process "
+                      f"needs at least one; use at most {n_windows} processes")
     shards = group.shards(n_windows)
     lo, hi = shards[group.rank]
-    values = train_set.frames[lo:hi, :n_in].flatten(2, 3)[:, :, mask.flatten()]    # (R, T_in, N_obs, S)
-    points = train_set.coords.flatten(0, 1)[mask.flatten()]                         # (N_obs, X)
-    torch.manual_seed(cfg.seed)                                     # the same networks in every process
+    observed = mask.flatten().nonzero().squeeze(1)                              # (N_obs,)
+    values = train_set.frames[lo:hi, :n_in].flatten(2, 3)[:, :, observed]       # (R, T, N, S)
+    points = train_set.coords.flatten(0, 1)[observed]                           # (N_obs, X)
+    torch.manual_seed(cfg.seed)                                   # the same networks everywhere
     model = build_model(cfg, coord_dim=points.shape[-1], n_channels=values.shape[-1]).to(device)
     params = list(model.parameters())
     flat_grad = torch.zeros(sum(p.numel() for p in params), device=device)
     for p, grad in zip(params, flat_grad.split([p.numel() for p in params])):
-        p.grad = grad.view_as(p)                                    # backward accumulates into the buffer
-    optimiser = torch.optim.Adam([{"params": model.decoder.parameters(), "lr": cfg.lr_decoder},
-                                  {"params": model.dynamics.parameters(), "lr": cfg.lr_dynamics}], fused=True)
+        p.grad = grad.view_as(p)                                  # backward accumulates into it
+    optimiser = torch.optim.Adam([
+        {"params": model.decoder.parameters(), "lr": cfg.lr_decoder},
+        {"params": model.dynamics.parameters(), "lr": cfg.lr_dynamics}], fused=True)
     per_process = max(b - a for a, b in shards) if cfg.schedule == "minibatch" else n_windows
+    codes = CodeTable(hi - lo, n_in, values.shape[-1], cfg.code_dim, lr=cfg.lr_codes)
     return Run(cfg=cfg, group=group, model=model, optimiser=optimiser, flat_grad=flat_grad,
-               codes=CodeTable(hi - lo, n_in, values.shape[-1], cfg.code_dim, lr=cfg.lr_codes).to(device),
-               generator=torch.Generator().manual_seed(cfg.seed + 1), n_windows=n_windows, shard=(lo, hi),
-               iterations_per_epoch=-(-per_process // cfg.batch_size), values=values, points=points,
-               coords=model.map_coords(points), t=train_set.t[:n_in], mask=mask, test=test,
-               chunk=max(1, STEP_ELEMENTS // values[0].numel()), loss_sums=torch.zeros(2, device=device))
+               codes=codes.to(device), generator=torch.Generator().manual_seed(cfg.seed + 1),
+               n_windows=n_windows, shard=(lo, hi),
+               iterations_per_epoch=-(-per_process // cfg.batch_size), values=values,
+               points=points, coords=model.map_coords(points), t=train_set.t[:n_in], mask=mask,
+               observed=observed, test=test, ridges=torch.tensor(RIDGES, device=device),
+               chunk=max(1, chunk_values(device) // values[0].numel()),
+               loss_sums=torch.zeros(2, device=device))
+
+
+def chunk_values(device):
+    """How many (window, frame, point, channel) values one chunk of a training step may hold:
+    on a GPU as many as half its free memory allows, on a CPU CPU_CHUNK."""
+    if not device.startswith("cuda"):
+        return CPU_CHUNK
+    return torch.cuda.mem_get_info(device)[0] // (2 * BYTES_PER_VALUE)
 
 
 def load_data(cfg, *, device, data_dir, group):
-    """(train, test) PDEData; under torchrun process 0 builds a missing cache first, alone."""
+    """(train, test) PDEData on `device` (built there when missing). Under torchrun process 0
+    builds a missing cache first, alone, while the others wait (the group's timeout allows it)."""
     def load(verbose):
-        return [load_dataset(cfg.pde, split, size=cfg.size, data_dir=data_dir, n_trajectories=n, device=device,
-                             verbose=verbose) for split, n in (("train", cfg.n_train), ("test", cfg.n_test))]
+        return [load_dataset(cfg.pde, split, size=cfg.size, data_dir=data_dir, n_trajectories=n,
+                             device=device, verbose=verbose)
+                for split, n in (("train", cfg.n_train), ("test", cfg.n_test))]
     sets, error = None, None
     if group.rank == 0:
         try:
             sets = load(verbose=True)
         except (ValueError, OSError) as err:
             error = err
-    if group.any(error is not None):                                # the others wait here, then read it
-        raise BadData(str(error) if error else "process 0 could not load the data (see its message)")
+    if group.any(error is not None):                               # the others wait here
+        raise BadData(str(error) if error else "process 0 could not load the data (its message)")
     return sets or load(verbose=False)
 
 
 # ---- several processes (torchrun): shards of windows, summed gradients, agreed decisions
+
+AGREE_EVERY = 10      # steps between agreed stop checks under torchrun (and at every evaluation)
+GROUP_TIMEOUT = datetime.timedelta(minutes=60)   # a collective may wait this long: process 0
+# may build a dataset meanwhile (the sphere set: 10-25 CPU minutes)
 
 
 class Group:
@@ -435,27 +519,36 @@ class Group:
     def __init__(self, device):
         running = dist.is_available() and dist.is_initialized()
         self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if running else (0, 1)
-        self.device = device
+        self.device, self.steps = device, 0
 
     def shards(self, n):
-        """[(lo, hi)] per process: contiguous blocks of the n windows, sizes differing by at most one."""
+        """[(lo, hi)] per process: contiguous blocks of n windows, sizes differing by at most 1."""
         return [(r * n // self.world, (r + 1) * n // self.world) for r in range(self.world)]
 
-    def sum_(self, tensor, op="SUM"):
-        """Reduce over processes, in place (NCCL on CUDA, gloo on CPU)."""
+    def sum_(self, tensor):
+        """Sum over processes, in place (NCCL on CUDA, gloo on CPU)."""
         if self.world > 1:
-            dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
+            dist.all_reduce(tensor)
         return tensor
 
     def any(self, flag):
         """True in every process when `flag` is true in any (one small all-reduce)."""
-        return bool(flag) if self.world == 1 else bool(self.sum_(torch.tensor([float(flag)], device=self.device)))
+        if self.world == 1:
+            return bool(flag)
+        return bool(self.sum_(torch.tensor([float(flag)], device=self.device)))
 
-    def agree_stop(self, asked, out_of_time):
-        """None, or why every process stops now: a stop signal in any process, or the time budget."""
-        sig = max(asked, default=0)
-        if self.world > 1:                                          # a signal anywhere stops everyone
-            sig, out_of_time = self.sum_(torch.tensor([sig, int(out_of_time)], device=self.device), "MAX").tolist()
+    def agree_stop(self, asked, clock, evaluated):
+        """None, or why every process stops now: a stop signal in any process, or the time
+        budget. Alone: checked every step. Under torchrun: at evaluations and every AGREE_EVERY
+        steps (the same steps in every process), so no step waits for a collective."""
+        self.steps += 1
+        sig, out_of_time = max(asked, default=0), clock.out_of_time()
+        if self.world > 1:
+            if not (evaluated or self.steps % AGREE_EVERY == 0):
+                return None
+            flags = torch.tensor([sig, int(out_of_time)], device=self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)        # a signal anywhere stops all
+            sig, out_of_time = flags.tolist()
         return signal.Signals(sig).name if sig else "minutes" if out_of_time else None
 
     def gather_rows(self, tensor, n):
@@ -471,45 +564,82 @@ class Group:
 
 
 def start_processes(device):
-    """Under torchrun: join the process group (NCCL on CUDA, gloo on CPU), one GPU per process.
-    Returns this process's device; without torchrun, the device unchanged and no group."""
-    if "LOCAL_RANK" not in os.environ:
-        return device
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    """Pin this process to its device and, under torchrun, join the process group (NCCL on
+    CUDA, gloo on CPU, one GPU per process). Returns the device; BadData when this machine
+    runs more processes than it has GPUs."""
+    local = os.environ.get("LOCAL_RANK")
+    if device.startswith("cuda") and local is not None:
+        gpus, here = torch.cuda.device_count(), int(os.environ["LOCAL_WORLD_SIZE"])
+        if here > gpus:
+            raise BadData(f"{here} processes on this machine but {gpus} GPU(s): start at most "
+                          f"{gpus} (torchrun --nproc_per_node={gpus}), or use --device cpu")
+        device = f"cuda:{local}"
+    if torch.device(device).index is not None:
+        torch.cuda.set_device(device)               # pinned memory and NCCL use this GPU
+    if local is not None:
+        cuda = device.startswith("cuda")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=GROUP_TIMEOUT,
+                                device_id=torch.device(device) if cuda else None)
     return device
 
 
-# ---- checkpoints: one complete file whatever the number of processes, any device, no code on load
+# ---- checkpoints: one complete file whatever the number of processes, any device, no code
 
-FORMAT = "dino-run/2"  # tag that tells our checkpoints from foreign files (2: per-row code Adam)
-KEYS = {"format", "config", "coord_dim", "n_channels", "mask", "world_size", "model", "codes", "optimiser",
-        "loss_sums", "progress"}
+FORMAT = "dino-run/3"  # tag that tells our checkpoints from ours of other versions and from
+# foreign files (2: per-row code Adam; 3: Progress.summed)
+KEYS = {"format", "config", "coord_dim", "n_channels", "mask", "world_size", "model", "codes",
+        "optimiser", "loss_sums", "progress"}
 
 
-def save(run, progress, path):
-    """Write a checkpoint from process 0 (every process sends its code rows), all-or-nothing. The
-    processes' networks must be equal (same steps on the same summed gradients): checked here."""
-    codes = {k: run.group.gather_rows(v, run.n_windows).cpu() for k, v in run.codes.state_dict().items()}
-    flat = torch.cat([p.detach().reshape(-1) for p in run.model.parameters()]).double()
-    prints = run.group.gather_rows(torch.stack([flat.sum(), flat.square().sum()])[None], run.group.world)
-    if not (prints == prints[0]).all():
-        raise RuntimeError(f"the processes hold different networks (fingerprints {prints.tolist()}): a bug")
+def save(run, progress, paths):
+    """Write one checkpoint to every path, from process 0 (every process sends its code rows),
+    all-or-nothing. The processes' networks must be equal (same steps on the same summed
+    gradients): checked here."""
+    codes = {k: run.group.gather_rows(v, run.n_windows) for k, v in run.codes.state_dict().items()}
+    if run.group.world > 1:
+        flat = torch.cat([p.detach().reshape(-1) for p in run.model.parameters()]).double()
+        prints = run.group.gather_rows(torch.stack([flat.sum(), flat.square().sum()])[None],
+                                       run.group.world)
+        if not (prints == prints[0]).all():
+            raise RuntimeError(f"the processes hold different networks (fingerprints "
+                               f"{prints.tolist()}): a bug")
     error = None
     if run.group.rank == 0:
+        state = to_cpu({"model": run.model.state_dict(), "codes": codes, "mask": run.mask,
+                        "optimiser": run.optimiser.state_dict(), "loss_sums": run.loss_sums})
+        state.update(format=FORMAT, config=asdict(run.cfg), coord_dim=run.points.shape[-1],
+                     n_channels=run.values.shape[-1], world_size=run.group.world,
+                     progress={f.name: getattr(progress, f.name) for f in fields(progress)
+                               if f.name != "stopped"})
         try:
-            save_torch(path, {
-                "format": FORMAT, "config": asdict(run.cfg), "coord_dim": run.points.shape[-1],
-                "n_channels": run.values.shape[-1], "mask": run.mask.cpu(), "world_size": run.group.world,
-                "model": {k: v.cpu() for k, v in run.model.state_dict().items()}, "codes": codes,
-                "optimiser": run.optimiser.state_dict(), "loss_sums": run.loss_sums.cpu(),
-                "progress": {f.name: getattr(progress, f.name) for f in fields(progress) if f.name != "stopped"}})
+            for path in paths:
+                save_torch(path, state)
         except OSError as err:
             error = err
     if run.group.any(error is not None):
         raise error or OSError("process 0 could not write a checkpoint")
+
+
+def to_cpu(tree):
+    """A copy of `tree` (nested dicts and lists) with every tensor on the CPU. Tensors on a GPU
+    travel in ONE transfer per dtype (each transfer waits for the device): a checkpoint costs a
+    few syncs, not one per tensor."""
+    def walk(node, visit):
+        if isinstance(node, dict):
+            return {key: walk(value, visit) for key, value in node.items()}
+        if isinstance(node, list):
+            return [walk(value, visit) for value in node]
+        on_device = torch.is_tensor(node) and node.device.type != "cpu"
+        return visit(node) if on_device else node
+    found = []
+    walk(tree, found.append)
+    host = {}
+    for dtype in {t.dtype for t in found}:
+        same = [t for t in found if t.dtype == dtype]
+        flat = torch.cat([t.detach().reshape(-1) for t in same]).cpu()
+        parts = flat.split([t.numel() for t in same])
+        host.update({id(t): part.view(t.shape) for t, part in zip(same, parts)})
+    return walk(tree, lambda t: host[id(t)])
 
 
 def restore(run, state):
@@ -535,13 +665,14 @@ def load_checkpoint(path):
     weights_only=True, so a crafted file cannot run code. ValueError naming the path otherwise."""
     path = os.path.join(path, "best.pt") if os.path.isdir(path) else path
     if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path!r} does not exist (give a run folder or a .pt file written by train.py)")
+        raise ValueError(f"checkpoint {path!r} does not exist (give a run folder or a .pt file "
+                         f"written by train.py)")
     state = load_torch(path, kind="a train.py checkpoint")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"checkpoint {path!r} is not a train.py checkpoint (no {FORMAT!r} tag)")
     if KEYS - state.keys():
-        raise ValueError(f"checkpoint {path!r} lacks {', '.join(sorted(KEYS - state.keys()))}: damaged, "
-                         f"or written by another version")
+        raise ValueError(f"checkpoint {path!r} lacks {', '.join(sorted(KEYS - state.keys()))}: "
+                         f"damaged, or written by another version")
     return state
 
 
@@ -549,8 +680,8 @@ def model_from_checkpoint(state, device="cpu"):
     """(DINo, Config) from a checkpoint dict, ready to forecast on `device`."""
     try:
         cfg = Config(**state["config"])
-        model = build_model(cfg, coord_dim=state["coord_dim"], n_channels=state["n_channels"]).to(device)
-        model.load_state_dict(state["model"])
+        model = build_model(cfg, coord_dim=state["coord_dim"], n_channels=state["n_channels"])
+        model.to(device).load_state_dict(state["model"])
     except (TypeError, RuntimeError, ValueError) as err:
         raise ValueError(f"the checkpoint's model does not load ({type(err).__name__}: "
                          f"{str(err).splitlines()[0]})") from None
@@ -564,7 +695,7 @@ def model_from_checkpoint(state, device="cpu"):
 def stop_requests():
     """Ctrl-C, SIGTERM (sent by Slurm, docker, systemd, timeout) and SIGHUP ask the loop to stop
     after the current step: the yielded list collects their numbers. Outside the main thread
-    nothing is installed (Python delivers signals there only); old handlers come back afterwards."""
+    nothing is installed (Python delivers signals there only); old handlers come back after."""
     asked, previous = [], {}
     with contextlib.suppress(ValueError):                   # signal.signal refuses other threads
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -577,27 +708,26 @@ def stop_requests():
 
 
 class Clock:
-    """This session's wall time: the --minutes budget, one step's duration, the ETA."""
+    """This session's wall time: the --minutes budget, the time of one step, the ETA."""
 
     def __init__(self, progress, minutes, device):
-        self.start, self.before, self.minutes, self.device = time.time(), progress.elapsed, minutes, device
-        self.first_iteration, self.marks, self.said = progress.iteration, [], False
+        self.start, self.before, self.minutes = time.time(), progress.elapsed, minutes
+        self.first_iteration, self.device = progress.iteration, device
+        self.ends, self.said = [], False       # end times of the session's first two steps
 
-    def tick(self, evaluating):
-        """Mark the end of a step: the session's first two are timed (the first warms up; a GPU is
-        waited for, these two times only). True once, when the first log line is due: after the
-        second step, or earlier when an evaluation comes first."""
-        if len(self.marks) < 2:
+    def first_line_due(self, evaluating):
+        """Note the end of a step. True once: after the session's second step (the first warms
+        up; a GPU is waited for at these two steps only), or before an earlier evaluation."""
+        if len(self.ends) < 2:
             if self.device.startswith("cuda"):
                 torch.cuda.synchronize(self.device)
-            self.marks.append(time.time())
-        due = not self.said and (len(self.marks) == 2 or evaluating)
+            self.ends.append(time.time())
+        due = not self.said and (len(self.ends) == 2 or evaluating)
         self.said |= due
         return due
 
-    @property
     def step_seconds(self):
-        return self.marks[1] - self.marks[0] if len(self.marks) > 1 else self.marks[0] - self.start
+        return self.ends[1] - self.ends[0] if len(self.ends) > 1 else time.time() - self.start
 
     def session(self):
         return time.time() - self.start
@@ -609,29 +739,35 @@ class Clock:
         return self.minutes is not None and self.session() >= 60 * self.minutes
 
     def eta(self, progress, total_iterations):
-        session = self.session()
-        eta = session / max(progress.iteration - self.first_iteration, 1) * (total_iterations - progress.iteration)
-        return eta if self.minutes is None else min(eta, 60 * self.minutes - session)
+        done = max(progress.iteration - self.first_iteration, 1)
+        eta = self.session() / done * (total_iterations - progress.iteration)
+        return eta if self.minutes is None else min(eta, 60 * self.minutes - self.session())
 
 
 def summary(run, label, clock, progress):
     """The first log line: what is trained, where, and how long it will take."""
     cfg, world = run.cfg, run.group.world
-    batch = f"{cfg.batch_size} per process, {world * cfg.batch_size} in all" if world > 1 and \
-        cfg.schedule == "minibatch" else f"{cfg.batch_size}"
-    per_epoch = clock.step_seconds * (1 if cfg.schedule == "epoch" else run.iterations_per_epoch)
-    decoder, dynamics = (sum(p.numel() for p in m.parameters()) for m in (run.model.decoder, run.model.dynamics))
-    return (f"{cfg.pde} | {label or 'config given'} | {cfg.epochs} epochs of {run.n_windows} windows x {len(run.t)} "
-            f"frames, {int(run.mask.sum())}/{run.mask.numel()} points observed | decoder {decoder:,} + dynamics "
-            f"{dynamics:,} parameters | schedule {cfg.schedule}, minibatch {batch} | {world} process(es) on "
-            f"{run.group.device} | a step takes {clock.step_seconds:.2f} s: about {hms((cfg.epochs - progress.epoch) * per_epoch)}"
-            f" of training to go (evaluations add some)\n"
-            f"metrics: relative MSE (MSE / mean square of truth); train In-t selects best.pt, test is reported only")
+    batch = f"{cfg.batch_size}"
+    if world > 1 and cfg.schedule == "minibatch":
+        batch = f"{cfg.batch_size} per process, {world * cfg.batch_size} in all"
+    step = clock.step_seconds()
+    per_epoch = step * (1 if cfg.schedule == "epoch" else run.iterations_per_epoch)
+    decoder, dynamics = (sum(p.numel() for p in m.parameters())
+                         for m in (run.model.decoder, run.model.dynamics))
+    return (f"{cfg.pde} | {label or 'config given'} | {cfg.epochs} epochs of {run.n_windows} "
+            f"windows x {len(run.t)} frames, {len(run.observed)}/{run.mask.numel()} points "
+            f"observed | decoder {decoder:,} + dynamics {dynamics:,} parameters | schedule "
+            f"{cfg.schedule}, minibatch {batch} | {world} process(es) on {run.group.device} | a "
+            f"step takes {step:.2f} s: about {hms((cfg.epochs - progress.epoch) * per_epoch)} of "
+            f"training to go (evaluations add some)\nmetrics: relative MSE (MSE / mean square of "
+            f"truth); train In-t selects best.pt, test is reported only")
 
 
 def hms(seconds):
     seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class Log:
@@ -641,47 +777,55 @@ class Log:
         self.path, self.echo = os.path.join(out, "log.txt"), echo
 
     def __call__(self, text):
-        if self.echo is not None:
-            self.echo(text)
-            try:
-                os.makedirs(os.path.dirname(self.path), exist_ok=True)
-                with open(self.path, "a") as f:
-                    f.write(text + "\n")
-            except OSError as err:
-                raise OSError(f"cannot write {self.path}: {err.strerror or err}") from None
+        if self.echo is None:
+            return
+        self.echo(text)
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(text + "\n")
+        except OSError as err:
+            raise OSError(f"cannot write {self.path}: {err.strerror or err}") from None
 
 
-# ---- command line: every Config field is a flag (--code-dim 64), its help the field's comment
+# ---- command line: every Config field is a flag (--code-dim 64), its help the field's text
 
-RANK = int(os.environ.get("RANK", 0))                               # under torchrun only process 0 prints
-FLAGS = [f for f in fields(Config) if f.name != "pde"]              # the fields given as --name-with-dashes
+RANK = int(os.environ.get("RANK", 0))                       # under torchrun only process 0 prints
+FLAGS = [f for f in fields(Config) if f.name != "pde"]      # the fields given as --name-with-dashes
+CHOICES = {"schedule": SCHEDULES, "fit": FITS}
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="Train DINo (decoder, codes and latent dynamics) on one PDE.\n"
-                                            + __doc__[__doc__.index("Usage:"):].rstrip())
-    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n" if RANK == 0 else "")
+    p = argparse.ArgumentParser(
+        prog="train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train DINo (decoder, codes and latent dynamics) on one PDE.\n"
+                    + __doc__[__doc__.index("Usage:"):].rstrip())
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n"
+                                        if RANK == 0 else "")
     p.add_argument("--pde", choices=SPECS, help="which dataset (required unless --resume)")
-    p.add_argument("--preset", choices=PRESETS, help="'paper': the official sizes and schedule; 'quick': small "
-                   "grids and nets (default: paper on CUDA, quick on a CPU)")
-    p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--minutes", type=float, help="stop after this many minutes of this session (checkpointed)")
+    p.add_argument("--preset", choices=PRESETS, help="'paper': the official sizes and schedule; "
+                   "'quick': small grids and nets (default: paper on CUDA, quick on a CPU)")
+    p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, "
+                   "cuda, cuda:N")
+    p.add_argument("--minutes", type=float, help="stop after this many minutes of this session "
+                   "(checkpointed)")
     p.add_argument("--out", help="run folder (default runs/PDE-PRESET): last.pt, best.pt, log.txt")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its "
+                   "last.pt")
     p.add_argument("--data-dir", default="data", help="dataset cache folder (default: data)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (on a busy machine 1 is often faster)")
-    table = p.add_argument_group("config fields (default: the preset's; the Config table in train.py)")
-    comments = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(Config), re.M))
-    for f in FLAGS:                                                 # argparse reads % in help as a format
+    p.add_argument("--threads", type=int, help="CPU threads for torch (on a busy machine 1 is "
+                   "often faster)")
+    table = p.add_argument_group("config fields (default: the preset's; the Config table in "
+                                 "train.py)")
+    for f in FLAGS:                                         # argparse reads % in help as a format
         table.add_argument(f"--{f.name.replace('_', '-')}", type=f.type, metavar=f.type.__name__.upper(),
-                           choices={"schedule": SCHEDULES, "fit": FITS}.get(f.name),
-                           help=comments[f.name].replace("%", "%%"))
+                           choices=CHOICES.get(f.name), help=f.metadata["help"].replace("%", "%%"))
     return p
 
 
 def resolve(args):
-    """The run's (config, checkpoint to resume or None, out folder, device, label) or ValueError."""
+    """The run's (config, checkpoint to resume or None, out folder, device, label), or
+    ValueError."""
     device = resolve_device(args.device)
     given = {f.name: getattr(args, f.name) for f in FLAGS if getattr(args, f.name) is not None}
     if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes >= 0):
@@ -689,30 +833,37 @@ def resolve(args):
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads {args.threads} must be at least 1")
     if args.resume:
-        if args.out is None:
-            raise ValueError("--resume needs --out RUN_FOLDER (the run to continue)")
-        state = load_checkpoint(os.path.join(args.out, "last.pt"))
-        cfg, done = replace(Config(**state["config"]), **given), state["progress"]["epoch"]
-        if args.pde not in (None, cfg.pde) or args.preset or set(given) - {"epochs"}:
-            raise ValueError(f"--resume continues {args.out!r} with its own settings ({cfg.pde}); only "
-                             f"--epochs, --minutes, --device, --threads and --data-dir may be given")
-        if cfg.epochs <= done:
-            raise ValueError(f"--epochs {cfg.epochs}: the run in {args.out!r} is already at epoch {done}; "
-                             f"give a larger --epochs to continue it")
-        check_writable(args.out)
-        return cfg, state, args.out, device, f"resumed at epoch {done}"
+        return resume_settings(args, given, device)
     if args.pde is None:
         raise ValueError(f"--pde is required; allowed: {', '.join(SPECS)}")
     preset = args.preset or ("paper" if device.startswith("cuda") else "quick")
-    label = f"preset {preset}" + ("" if args.preset else f" (the default on {device.split(':')[0].upper()}; "
-                                  f"--preset {'quick' if preset == 'paper' else 'paper'} for the other)")
+    label = f"preset {preset}"
+    if not args.preset:
+        other = "quick" if preset == "paper" else "paper"
+        label += f" (the default on {device.split(':')[0].upper()}; --preset {other} for the other)"
     cfg = replace(CONFIGS[(args.pde, preset)], **given)
     out = args.out or os.path.join("runs", f"{cfg.pde}-{preset}")
     if os.path.exists(os.path.join(out, "last.pt")):
-        raise ValueError(f"--out {out!r} already holds a run (last.pt); pass --resume to continue it "
-                         f"or choose another --out")
+        raise ValueError(f"--out {out!r} already holds a run (last.pt); pass --resume to continue "
+                         f"it or choose another --out")
     check_writable(out)
     return cfg, None, out, device, label
+
+
+def resume_settings(args, given, device):
+    if args.out is None:
+        raise ValueError("--resume needs --out RUN_FOLDER (the run to continue)")
+    state = load_checkpoint(os.path.join(args.out, "last.pt"))
+    cfg, done = replace(Config(**state["config"]), **given), state["progress"]["epoch"]
+    if args.pde not in (None, cfg.pde) or args.preset or set(given) - {"epochs"}:
+        raise ValueError(f"--resume continues {args.out!r} with its own settings ({cfg.pde}); "
+                         f"only --epochs, --minutes, --device, --threads and --data-dir may be "
+                         f"given")
+    if cfg.epochs <= done:
+        raise ValueError(f"--epochs {cfg.epochs}: the run in {args.out!r} is already at epoch "
+                         f"{done}; give a larger --epochs to continue it")
+    check_writable(args.out)
+    return cfg, state, args.out, device, f"resumed at epoch {done}"
 
 
 def main(argv=None):
@@ -725,18 +876,21 @@ def main(argv=None):
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        progress = train(cfg, out=out, device=start_processes(device), minutes=args.minutes, resume=state,
-                         data_dir=args.data_dir, label=label)
+        progress = train(cfg, out=out, device=start_processes(device), minutes=args.minutes,
+                         resume=state, data_dir=args.data_dir, label=label)
         if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # leave together: a gloo process whose peer tore down first once aborted at exit
+            dist.barrier()  # leave together: a gloo process whose peer tore down first aborted
         return progress
     except BadData as err:
         parser().error(str(err))
     except (NonFiniteLoss, OSError) as err:
-        why = f"non-finite loss or parameters ({err}); try a smaller learning rate (--lr-decoder ...)" \
-            if isinstance(err, NonFiniteLoss) else str(err)
+        why = str(err)
+        if isinstance(err, NonFiniteLoss):
+            why = f"non-finite loss or parameters ({err}); try a smaller learning rate " \
+                  f"(--lr-decoder ...)"
         if RANK == 0:
-            print(f"train.py: stopped: {why}. The last good checkpoint, if any, is {out}/last.pt", file=sys.stderr)
+            print(f"train.py: stopped: {why}. The last good checkpoint, if any, is {out}/last.pt",
+                  file=sys.stderr)
         raise SystemExit(1)
     finally:
         if dist.is_available() and dist.is_initialized():
