@@ -1,8 +1,8 @@
 """The latent dynamics d alpha/dt = f_psi(alpha), its rollouts, and scheduled restarts.
 
-DINo (Yin, Kirchmeyer et al., ICLR 2023, arXiv:2209.14855v2), Sec. 4.1, Eq. 4 and Sec. 4.2. The codes
-alpha_t (one per state channel, shape (S, D)) evolve by an autonomous ODE whose right-hand side is an
-MLP on the flattened codes:
+DINo (Yin, Kirchmeyer et al., ICLR 2023, arXiv:2209.14855v2), Sec. 4.1, Eq. 4 and Sec. 4.2. The
+codes alpha_t (one per state channel, shape (S, D)) evolve by an autonomous ODE whose right-hand
+side is an MLP on the flattened codes:
 
     f_psi:  S*D -> hidden -> hidden -> hidden -> S*D      (3 hidden layers, Swish activations)
     Swish(x) = x * sigmoid(softplus(beta) x) / 1.1        (one learnable beta per hidden layer)
@@ -11,14 +11,14 @@ Parameters: 2 (S D)(hidden) + S D + 2 hidden^2 + 3 hidden + 3 (betas); official 
 hidden 512): 628,327; wave (2 x 50, 256): 183,143; shallow water (2 x 200, 800): 1,922,803.
 
 Training integrates from the learned code of frame 0 with RK4 at the frame times and regresses on
-the learned (detached) codes of the later frames. With teacher forcing, "scheduled restarts": at each
-frame time, with probability epsilon, the integration restarts from the true code instead of the
-integrated one. epsilon starts at 0.99 and is multiplied by 0.99 every 100 iterations; below 1e-3 it
-counts as 0. Unlike the official code, which draws one set of restart times for the whole batch,
-each sample draws its own.
+the learned (detached) codes of the later frames. With teacher forcing, "scheduled restarts": at
+each frame time, with probability epsilon, the integration restarts from the true code instead of
+the integrated one. epsilon starts at 0.99 and is multiplied by 0.99 every 100 iterations; below
+1e-3 it counts as 0. Unlike the official code, which draws one set of restart times for the whole
+batch, each sample draws its own.
 
-Shapes: B batch, T time, S channels, D code dim. torchdiffeq's odeint returns time FIRST (T, B, ...);
-the functions here return (B, T, S, D) like everything else in this project.
+Shapes: B batch, T time, S channels, D code dim. torchdiffeq's odeint returns time FIRST
+(T, B, ...); the functions here return (B, T, S, D) like everything else in this project.
 
 Two kinds of integrator: `rollout` (torchdiffeq, any method, its inputs checked: for forecasts)
 and the RK4 step written here, `rk4_rollout` and `rollout_with_restarts` (for the training loop and
@@ -48,7 +48,7 @@ class Swish(nn.Module):
 
 
 class Dynamics(nn.Module):
-    """f_psi(alpha): an autonomous MLP vector field on the codes, forward(t, alpha) as odeint expects."""
+    """f_psi(alpha): an autonomous MLP vector field on the codes; forward(t, alpha) for odeint."""
 
     def __init__(self, *, n_channels, code_dim, hidden=512):
         super().__init__()
@@ -73,7 +73,8 @@ class Dynamics(nn.Module):
 def check_times(t):
     """ValueError unless t is a non-empty 1-D tensor of finite, strictly increasing times."""
     if not torch.is_tensor(t) or t.dim() != 1 or len(t) < 1:
-        raise ValueError(f"t must be a non-empty 1-D tensor of times, got {t if not torch.is_tensor(t) else tuple(t.shape)}")
+        got = tuple(t.shape) if torch.is_tensor(t) else t
+        raise ValueError(f"t must be a non-empty 1-D tensor of times, got {got}")
     if not torch.isfinite(t).all():
         raise ValueError("t holds non-finite times")
     if len(t) > 1 and not (t[1:] > t[:-1]).all():
@@ -81,7 +82,7 @@ def check_times(t):
 
 
 def rollout(f, alpha0, t, method="rk4"):
-    """Integrate d alpha/dt = f(t, alpha) from alpha0 (B, S, D) to the times t (T,): -> (B, T, S, D).
+    """Integrate d alpha/dt = f(t, alpha) from alpha0 (B, S, D) to the times t (T,) -> (B, T, S, D).
 
     torchdiffeq does the integration, so any of its methods works ('rk4', 'dopri5', ...). With a
     fixed-step method it steps exactly from one time of t to the next, as the official code does
@@ -133,12 +134,15 @@ def rollout_with_restarts(f, codes, t, restart):
 
     codes (B, T, S, D): the learned codes, used as targets only (detached here); t (T,) frame
     times; restart (B, T-1) bool from restart_mask: before the step from t_i, sample b replaces its
-    integrated code by codes[b, i] where restart[b, i]. All False after column 0 is a plain rollout;
-    all True gives one-step predictions from every true code. -> (B, T, S, D), frame 0 = codes[:, 0].
+    integrated code by codes[b, i] where restart[b, i]. All False after column 0 is a plain
+    rollout; all True gives one-step predictions from every true code.
+    -> (B, T, S, D), frame 0 = codes[:, 0].
     """
-    if codes.dim() != 4 or t.dim() != 1 or codes.shape[1] != len(t) or restart.shape != (len(codes), len(t) - 1):
-        raise ValueError(f"need codes (B, T, S, D), t (T,), restart (B, T-1); got codes {tuple(codes.shape)}, "
-                         f"t {tuple(t.shape)}, restart {tuple(restart.shape)}")
+    if (codes.dim() != 4 or t.dim() != 1 or codes.shape[1] != len(t)
+            or restart.shape != (len(codes), len(t) - 1)):
+        raise ValueError("need codes (B, T, S, D), t (T,), restart (B, T-1); "
+                         f"got codes {tuple(codes.shape)}, t {tuple(t.shape)}, "
+                         f"restart {tuple(restart.shape)}")
     codes, t = codes.detach(), t.to(codes)                  # targets, never trained through here
     dt = t[1:] - t[:-1]                                     # (T-1,) steps, on the device
     state = codes[:, 0]                                     # (B, S, D)
@@ -151,7 +155,7 @@ def rollout_with_restarts(f, codes, t, restart):
 
 
 def epsilon_schedule(iteration, *, start=0.99, decay=0.99, every=100, floor=1e-3):
-    """Teacher-forcing probability at an iteration: start * decay**(iteration // every), 0 below floor."""
+    """Teacher-forcing probability: start * decay**(iteration // every), 0 below floor."""
     if iteration < 0:
         raise ValueError(f"iteration must be >= 0, got {iteration!r}")
     epsilon = start * decay ** (iteration // every)
@@ -168,6 +172,7 @@ if __name__ == "__main__":
     for eps in (0.0, 0.5, 1.0):
         restart = restart_mask(torch.rand(len(codes), len(t) - 1), eps)
         pred = rollout_with_restarts(f, codes + 0.01 * torch.randn_like(codes), t, restart)
-        print(f"epsilon {eps:.1f}: mse to the noisy codes' rollout {(pred - codes).pow(2).mean():.3e}")
+        mse = (pred - codes).pow(2).mean()
+        print(f"epsilon {eps:.1f}: mse to the noisy codes' rollout {mse:.3e}")
     print("epsilon at iterations 0, 100, 10000, 70000:",
           [round(epsilon_schedule(i), 5) for i in (0, 100, 10_000, 70_000)])

@@ -11,12 +11,12 @@ and the relative MSE (MSE / mean square of the truth over the same frames and po
 
 Usage:
     python evaluate.py runs/heat-quick                    # best.pt; table, metrics.json, GIFs, PNG
-    python evaluate.py runs/heat-quick/last.pt --subsampling 0.25 --mask-seed 7   # a new grid (Table 3)
+    python evaluate.py runs/heat-quick/last.pt --subsampling 0.25 --mask-seed 7  # Table 3: new grid
     python evaluate.py runs/heat-quick --resolution 64    # the same initial fields on a finer grid
-    python evaluate.py runs/shallow-water-quick --resolution 64   # sphere: observe the training grid, decode 2x finer
+    python evaluate.py runs/shallow-water-quick --resolution 64   # sphere: 2x super-resolution
     python evaluate.py runs/heat-quick --points 2048      # free-form points anywhere in the domain
-    python evaluate.py runs/heat-quick --fit adam         # alpha_0 by Adam steps instead of the closed form
-Files land in RUN/eval[-conditions]/ (or --out): metrics.json and the table first, then the pictures.
+    python evaluate.py runs/heat-quick --fit adam         # alpha_0 by Adam, not the closed form
+Files land in RUN/eval[-conditions]/ (or --out): metrics.json and the table first, then pictures.
 
 For your own data, DINo in one call: `model = load_model(run)`, then
 `model.forecast(coords_obs, values_obs, t, coords_query)` (autodecode.DINo.forecast).
@@ -30,8 +30,8 @@ import matplotlib
 import numpy as np
 import torch
 
-from solvers import (SPECS, check_writable, interpolate, load_dataset, observation_mask, physical_memory,
-                     resolve_device, sphere_interpolate, sphere_random_points, write_atomic)
+import solvers
+from solvers import SPECS, check_writable, load_dataset, observation_mask, write_atomic
 from train import FITS, load_checkpoint, model_from_checkpoint, relative_mse
 
 matplotlib.use("Agg")  # files only, no display needed
@@ -54,17 +54,20 @@ def mse_table(pred, truth, observed, n_in_t):
     for time_name, frames in (("in_t", slice(0, n_in_t)), ("out_t", slice(n_in_t, None))):
         for space_name, points in (("in_s", observed), ("out_s", ~observed), ("all", slice(None))):
             p, y = pred[:, frames][:, :, points], truth[:, frames][:, :, points]
-            table["mse"][time_name][space_name] = (p - y).pow(2).mean().item() if p.numel() else None
+            mse = (p - y).pow(2).mean().item() if p.numel() else None
+            table["mse"][time_name][space_name] = mse
             table["rel_mse"][time_name][space_name] = relative_mse(p, y) if p.numel() else None
     return table
 
 
 def format_table(table):
+    def cell(value):
+        return f"{value:10.3e}" if value is not None else f"{'-':>10}"
+
     heads = "".join(f"{h:>11}" for h in ("In-s", "Out-s", "all"))
     lines = [f"{'':6}{'MSE':>33}   {'relative MSE':>33}", f"{'':6}{heads}   {heads}"]
     for name, label in (("in_t", "In-t"), ("out_t", "Out-t")):
-        cells = [[f"{v:10.3e}" if v is not None else f"{'-':>10}" for v in table[kind][name].values()]
-                 for kind in ("mse", "rel_mse")]
+        cells = [[cell(v) for v in table[kind][name].values()] for kind in ("mse", "rel_mse")]
         lines.append(f"{label:6}" + " ".join(cells[0]) + "    " + " ".join(cells[1]))
     return "\n".join(lines)
 
@@ -81,83 +84,111 @@ def observed_points(state, cfg, data, *, rate, seed, resolution, data_dir):
     spec, device = SPECS[cfg.pde], data.coords.device
     if spec.cut_from and resolution != cfg.size and resolution % cfg.size == 0:
         # super-resolution (paper Sec. 5): observe the training grid, decode the finer one. Both
-        # grids are cuts of one simulation grid (solvers.py), so the training grid is every k-th point.
+        # grids cut one simulation grid (solvers.py): the training grid is every k-th point.
         k = resolution // cfg.size
-        coarse = load_dataset(cfg.pde, data.split, size=cfg.size, data_dir=data_dir, device=device, verbose=False,
-                              n_trajectories=n_trajectories(cfg, data.split))
-        observed = torch.zeros(data.coords.shape[:2], dtype=torch.bool, device=device)   # (H, W)
+        coarse = load_dataset(cfg.pde, data.split, size=cfg.size, data_dir=data_dir, device=device,
+                              verbose=False, n_trajectories=n_trajectories(cfg, data.split))
+        observed = torch.zeros(data.coords.shape[:2], dtype=torch.bool, device=device)  # (H, W)
         observed[::k, ::k] = observation_mask(coarse, rate, seed)
-        return observed.flatten(), f"the {cfg.size}-latitude training grid inside the {resolution}-latitude grid"
+        how = f"the {cfg.size}-latitude training grid inside the {resolution}-latitude grid"
+        return observed.flatten(), how
     if resolution == cfg.size and rate == cfg.subsampling and seed == cfg.mask_seed:
         return state["mask"].flatten().to(device), "the training mask"
     return observation_mask(data, rate, seed).flatten(), f"a new mask (rate {rate}, seed {seed})"
 
 
 def check_memory(n_values, what, device):
-    """ValueError when `n_values` float32 numbers, held a few times over, exceed this device's memory."""
-    total = torch.cuda.get_device_properties(device).total_memory if device.startswith("cuda") else physical_memory()
+    """ValueError when `n_values` float32 numbers, a few times over, exceed this device's memory."""
+    if device.startswith("cuda"):
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = solvers.physical_memory()
     if 4 * 4 * n_values > total:
-        raise ValueError(f"{what} needs about {16 * n_values / 2**30:.0f} GiB, more than the {total / 2**30:.0f} GiB "
-                         f"here; ask for less")
+        raise ValueError(f"{what} needs about {16 * n_values / 2**30:.0f} GiB, more than the "
+                         f"{total / 2**30:.0f} GiB here; ask for less")
 
 
-def evaluate(path, *, device="cpu", split="test", subsampling=None, mask_seed=None, resolution=None, points=None,
-             fit=None, fit_steps=None, out=None, data_dir="data", pictures=True, log=print):
-    """Forecast every window of a split (test by default) from its frame 0 and score it: metrics.json
-    and the table first, then the pictures (GIFs, PNG) in `out`. Returns the metrics dict (its
-    "files" lists what was written)."""
+def check_sizes(cfg, *, split, resolution, points, device):
+    """ValueError when the forecast at `resolution`, or at `points` free points, would not fit."""
+    spec = SPECS[cfg.pde]
+    per_point = n_trajectories(cfg, split) * spec.windows * spec.window * len(spec.channels)
+    check_memory(per_point * resolution ** 2 * spec.width_ratio, f"--resolution {resolution}",
+                 device)
+    if points is not None:
+        # the sphere's truth also holds a Legendre table of nlat^2 values per point
+        legendre = 2 * spec.cut_from ** 2 if spec.cut_from else 0
+        check_memory(points * (per_point + legendre), f"--points {points}", device)
+
+
+def evaluate(path, *, device="cpu", split="test", subsampling=None, mask_seed=None,
+             resolution=None, points=None, fit=None, fit_steps=None, out=None, data_dir="data",
+             pictures=True, log=print):
+    """Forecast every window of a split (test by default) from its frame 0 and score it:
+    metrics.json and the table first, then the pictures (GIFs, PNG) in `out`. Returns the metrics
+    dict (its "files" lists what was written)."""
     file = os.path.join(path, "best.pt") if os.path.isdir(path) else path
     state = load_checkpoint(file)
     model, cfg = model_from_checkpoint(state, device)
-    spec = SPECS[cfg.pde]
-    model.fit, model.fit_steps = fit or model.fit, model.fit_steps if fit_steps is None else fit_steps
+    model.fit = fit or model.fit
+    model.fit_steps = model.fit_steps if fit_steps is None else fit_steps
     rate = cfg.subsampling if subsampling is None else subsampling
     seed = cfg.mask_seed if mask_seed is None else mask_seed
     resolution = cfg.size if resolution is None else resolution
-    windows = n_trajectories(cfg, split) * spec.windows * spec.window * len(spec.channels)
-    check_memory(windows * resolution ** 2 * spec.width_ratio, f"--resolution {resolution}", device)
-    if points is not None:   # the sphere's truth also holds a Legendre table of nlat^2 values per point
-        check_memory(points * (windows + (2 * spec.cut_from ** 2 if spec.cut_from else 0)), f"--points {points}", device)
-    out = out or default_out(path, cfg, split=split, rate=subsampling, seed=mask_seed, res=resolution, points=points)
+    check_sizes(cfg, split=split, resolution=resolution, points=points, device=device)
+    out = out or default_out(path, cfg, split=split, rate=subsampling, seed=mask_seed,
+                             res=resolution, points=points)
     check_writable(out)
-    data, observed, how, codes, pred = forecast_split(state, model, cfg, split=split, resolution=resolution,
-                                                      rate=rate, seed=seed, data_dir=data_dir, device=device)
+    data, observed, how, codes, pred = forecast_split(
+        state, model, cfg, split=split, resolution=resolution, rate=rate, seed=seed,
+        data_dir=data_dir, device=device)
     truth = data.frames.flatten(2, 3)                                     # (B, T, N, S)
     grid = "x".join(str(n) for n in reversed(data.coords.shape[:2]))     # W x H (sphere: lon x lat)
-    fitted = f"closed form, ridge {model.ridge.item():.0e}" if model.fit == "closed-form" else \
-        f"{model.fit_steps} Adam steps"
+    fitted = (f"closed form, ridge {model.ridge.item():.0e}" if model.fit == "closed-form"
+              else f"{model.fit_steps} Adam steps")
     metrics = {"checkpoint": os.path.abspath(file), "pde": cfg.pde, "split": split,
-               "epoch": state["progress"]["epoch"], "iteration": state["progress"]["iteration"], "grid": grid,
-               "windows": len(truth), "frames": len(data.t), "n_in_t": data.n_in_t, "observed": how,
+               "epoch": state["progress"]["epoch"], "iteration": state["progress"]["iteration"],
+               "grid": grid, "windows": len(truth), "frames": len(data.t),
+               "n_in_t": data.n_in_t, "observed": how,
                "observed_fraction": observed.float().mean().item(), "fit": fitted,
                **score(pred, truth, observed, data.n_in_t), "t": data.t.tolist()}
     if points is not None:
-        metrics["points"] = free_form(model, cfg, codes, split=split, resolution=resolution, n_points=points,
-                                      seed=seed, n_in=data.n_in_t, data_dir=data_dir, device=device)
-    write_atomic(os.path.join(out, "metrics.json"), lambda tmp: pathlib.Path(tmp).write_text(json.dumps(metrics, indent=1)))
-    log(f"{cfg.pde} | {metrics['checkpoint']} (epoch {metrics['epoch']}, iteration {metrics['iteration']}) | "
-        f"{len(truth)} {split} windows on {grid} | observed: {how}, {100 * metrics['observed_fraction']:.1f}% | "
-        f"alpha_0: {fitted}")
-    log(format_table(metrics) + "\npersistence (frame 0 held), MSE In-t / Out-t: "
-        f"{metrics['persistence']['mse']['in_t']['all']:.3e} / {metrics['persistence']['mse']['out_t']['all']:.3e}")
-    if "points" in metrics:
-        p = metrics["points"]
-        log(f"free-form: {p['n']} random points ({p['truth']}): relative MSE In-t {p['rel_mse']['in_t']:.3e}, "
-            f"Out-t {p['rel_mse']['out_t']:.3e}")
-    metrics["files"] = ["metrics.json"] + (draw(out, cfg, data, pred, observed=observed) if pictures else [])
+        metrics["points"] = free_form(model, cfg, codes, split=split, resolution=resolution,
+                                      n_points=points, seed=seed, n_in=data.n_in_t,
+                                      data_dir=data_dir, device=device)
+    text = json.dumps(metrics, indent=1)
+    write_atomic(os.path.join(out, "metrics.json"), lambda tmp: pathlib.Path(tmp).write_text(text))
+    report(metrics, log)
+    drawn = draw(out, cfg, data, pred, observed=observed) if pictures else []
+    metrics["files"] = ["metrics.json"] + drawn
     log(f"wrote {', '.join(os.path.join(out, f) for f in metrics['files'])}")
     return metrics
+
+
+def report(metrics, log):
+    """The run and its conditions, the tables of DINo and persistence, the free points if any."""
+    m = metrics
+    log(f"{m['pde']} | {m['checkpoint']} (epoch {m['epoch']}, iteration {m['iteration']}) | "
+        f"{m['windows']} {m['split']} windows on {m['grid']} | "
+        f"observed: {m['observed']}, {100 * m['observed_fraction']:.1f}% | alpha_0: {m['fit']}")
+    persistence = m["persistence"]["mse"]
+    log(format_table(m) + "\npersistence (frame 0 held), MSE In-t / Out-t: "
+        f"{persistence['in_t']['all']:.3e} / {persistence['out_t']['all']:.3e}")
+    if "points" in m:
+        p = m["points"]
+        log(f"free-form: {p['n']} random points ({p['truth']}): relative MSE "
+            f"In-t {p['rel_mse']['in_t']:.3e}, Out-t {p['rel_mse']['out_t']:.3e}")
 
 
 def forecast_split(state, model, cfg, *, split, resolution, rate, seed, data_dir, device):
     """Forecast every window of a split from its frame 0, observed on the chosen points:
     (data, observed (N,), its description, codes (B, T, S, D), forecast (B, T, N, S))."""
-    data = load_dataset(cfg.pde, split, size=resolution, data_dir=data_dir, n_trajectories=n_trajectories(cfg, split),
-                        device=device)
-    observed, how = observed_points(state, cfg, data, rate=rate, seed=seed, resolution=resolution, data_dir=data_dir)
+    data = load_dataset(cfg.pde, split, size=resolution, data_dir=data_dir,
+                        n_trajectories=n_trajectories(cfg, split), device=device)
+    observed, how = observed_points(state, cfg, data, rate=rate, seed=seed,
+                                    resolution=resolution, data_dir=data_dir)
     truth = data.frames.flatten(2, 3)                                     # (B, T, N, S)
     coords = data.coords.flatten(0, 1)                                    # (N, X) physical
-    codes = model.forecast_codes(coords[observed], truth[:, 0, observed], data.t)   # (B, T, S, D)
+    codes = model.forecast_codes(coords[observed], truth[:, 0, observed], data.t)  # (B, T, S, D)
     return data, observed, how, codes, model.decode(coords, codes)
 
 
@@ -178,18 +209,20 @@ def free_form(model, cfg, codes, *, split, resolution, n_points, seed, n_in, dat
     fields) or, on the sphere, the spherical-harmonic series of the simulation grid's fields."""
     spec = SPECS[cfg.pde]
     size = spec.cut_from or max(64, resolution)
-    fine = load_dataset(cfg.pde, split, size=size, data_dir=data_dir, n_trajectories=n_trajectories(cfg, split),
-                        device=device)
+    fine = load_dataset(cfg.pde, split, size=size, data_dir=data_dir,
+                        n_trajectories=n_trajectories(cfg, split), device=device)
     if spec.boundary == "sphere":
-        query = sphere_random_points(n_points, seed).to(device)          # (Q, 3)
-        truth = sphere_interpolate(fine.frames, query)                    # (B, T, Q, S)
+        query = solvers.sphere_random_points(n_points, seed).to(device)  # (Q, 3)
+        truth = solvers.sphere_interpolate(fine.frames, query)            # (B, T, Q, S)
         how = f"spherical-harmonic series of the {2 * size}x{size} test fields"
     else:
-        s = torch.rand(n_points, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        generator = torch.Generator().manual_seed(seed)
+        s = torch.rand(n_points, 2, generator=generator, dtype=torch.float64)
         spacing = (fine.coords[1, 1] - fine.coords[0, 0]).double().cpu()  # grid step along x and y
         low = fine.coords[0, 0].double().cpu() - (spacing / 2 if spec.boundary == "cosine" else 0.0)
         query = (low + s * spacing * size).float().to(device)            # (Q, 2) physical, anywhere
-        truth = interpolate(fine.frames.double(), s[:, 0], s[:, 1], boundary=spec.boundary).float()  # (B, T, Q, S)
+        truth = solvers.interpolate(fine.frames.double(), s[:, 0], s[:, 1],
+                                    boundary=spec.boundary).float()      # (B, T, Q, S)
         how = f"{spec.boundary} spectral interpolation of the {size}x{size} test fields"
     everywhere = torch.ones(n_points, dtype=torch.bool, device=device)
     table = mse_table(model.decode(query, codes), truth, everywhere, n_in)   # pred (B, T, Q, S)
@@ -209,26 +242,29 @@ def figures(folder, runs, *, device="cpu", data_dir="data", log=print):
     for run in runs:
         state = load_checkpoint(run)
         model, cfg = model_from_checkpoint(state, device)
+        spec = SPECS[cfg.pde]
         history = load_checkpoint(os.path.join(run, "last.pt"))["progress"]["history"]
-        data, *_, pred = forecast_split(state, model, cfg, split="test", rate=cfg.subsampling, seed=cfg.mask_seed,
-                                        resolution=cfg.size * (2 if SPECS[cfg.pde].cut_from else 1),
-                                        data_dir=data_dir, device=device)
+        data, *_, pred = forecast_split(
+            state, model, cfg, split="test", rate=cfg.subsampling, seed=cfg.mask_seed,
+            resolution=cfg.size * (2 if spec.cut_from else 1), data_dir=data_dir, device=device)
         n = data.n_in_t
-        for ax, key, frames in zip(axes, ("test_in_t", "test_out_t"), (slice(0, n), slice(n, None))):
+        halves = (slice(0, n), slice(n, None))                          # In-t, Out-t
+        for ax, key, frames in zip(axes, ("test_in_t", "test_out_t"), halves):
             square = data.frames[:, frames].pow(2).mean().item()        # relative MSE -> MSE
             ax.plot([h["epoch"] for h in history], [h[key] * square for h in history], marker=".",
                     label=os.path.basename(os.path.abspath(run)))
-        if SPECS[cfg.pde].cut_from and "superres.png" not in files:
+        if spec.cut_from and "superres.png" not in files:
             files.append("superres.png")
-            save_frame(os.path.join(folder, files[-1]), data.frames[0, -1, ..., -1],
-                       pred[0, -1, :, -1].view(data.frames.shape[2:4]),
-                       f"{cfg.pde} {SPECS[cfg.pde].channels[-1]}, t = {data.t[-1]:g} (Out-t): observed on the "
-                       f"{cfg.size}-latitude training grid, decoded on {data.frames.shape[2]} latitudes")
-        elif not SPECS[cfg.pde].cut_from and "forecast.gif" not in files:
+            title = (f"{cfg.pde} {spec.channels[-1]}, t = {data.t[-1]:g} (Out-t): observed on "
+                     f"the {cfg.size}-latitude training grid, decoded on {data.frames.shape[2]} "
+                     "latitudes")
+            decoded = pred[0, -1, :, -1].view(data.frames.shape[2:4])
+            save_frame(os.path.join(folder, files[-1]), data.frames[0, -1, ..., -1], decoded, title)
+        elif not spec.cut_from and "forecast.gif" not in files:
             files.append("forecast.gif")
             truth = data.frames[:4, ..., 0]                              # (windows, T, H, W)
-            save_gif(os.path.join(folder, files[-1]), truth, pred[:4, ..., 0].view_as(truth), data.t.cpu().numpy(),
-                     n_in_t=n, title=f"{cfg.pde} {SPECS[cfg.pde].channels[0]}")
+            save_gif(os.path.join(folder, files[-1]), truth, pred[:4, ..., 0].view_as(truth),
+                     data.t.cpu().numpy(), n_in_t=n, title=f"{cfg.pde} {spec.channels[0]}")
     for ax, name in zip(axes, ("In-t", "Out-t")):
         ax.set(yscale="log", xlabel="epoch", title=f"test MSE, {name}")
     axes[1].legend(fontsize=7)
@@ -246,8 +282,9 @@ def save_frame(path, truth, pred, title):
     truth, pred = truth.cpu().numpy(), pred.cpu().numpy()
     fig, axes = plt.subplots(1, 3, figsize=(12, 2.6))
     limit, err = np.abs(truth).max(), pred - truth
-    for ax, name, image, lim, cmap in zip(axes, ("truth", "prediction", "error"), (truth, pred, err),
-                                          (limit, limit, np.abs(err).max()), ("RdBu_r", "RdBu_r", "PuOr_r")):
+    panels = zip(("truth", "prediction", "error"), (truth, pred, err),
+                 (limit, limit, np.abs(err).max()), ("RdBu_r", "RdBu_r", "PuOr_r"))
+    for ax, (name, image, lim, cmap) in zip(axes, panels):
         fig.colorbar(ax.imshow(image, cmap=cmap, vmin=-lim, vmax=lim), ax=ax, shrink=0.8)
         ax.set(title=name, xticks=[], yticks=[])
     fig.suptitle(title, fontsize=9)
@@ -261,33 +298,32 @@ def save_gif(path, truth, pred, t, *, n_in_t, title):
     """Rows truth / prediction / error, one column per window, one GIF frame per time, and a time
     line with the training horizon marked. truth, pred (B, T, H, W): one channel, a few windows."""
     truth, pred = truth.cpu().numpy(), pred.cpu().numpy()
-    rows = (("truth", truth, "RdBu_r"), ("prediction", pred, "RdBu_r"), ("error", pred - truth, "PuOr_r"))
-    # colour limits per frame (fields like heat fade 50x over a window); truth and prediction share one
-    limits = [np.maximum(np.abs(data).max(axis=(0, 2, 3)), 1e-12) for data in (truth, truth, pred - truth)]
-    n_windows, aspect = truth.shape[0], truth.shape[3] / truth.shape[2]           # W / H (sphere: 2)
-    fig, axes = plt.subplots(3, n_windows, figsize=(1.6 * aspect * n_windows + 0.8, 5.4), squeeze=False)
+    rows = (("truth", truth, "RdBu_r"), ("prediction", pred, "RdBu_r"),
+            ("error", pred - truth, "PuOr_r"))
+    # colour limits per frame (heat fades 50x over a window), truth and prediction sharing one
+    limits = [np.maximum(np.abs(data).max(axis=(0, 2, 3)), 1e-12)
+              for data in (truth, truth, pred - truth)]
+    n_windows, aspect = truth.shape[0], truth.shape[3] / truth.shape[2]  # W / H (sphere: 2)
+    width = 1.6 * aspect * n_windows + 0.8
+    fig, axes = plt.subplots(3, n_windows, figsize=(width, 5.4), squeeze=False)
     fig.subplots_adjust(left=0.08, right=0.86, top=0.9, bottom=0.14, hspace=0.08, wspace=0.06)
     images = []
     for row, ((name, data, cmap), lim) in enumerate(zip(rows, limits)):
         for col, ax in enumerate(axes[row]):
-            images.append((ax.imshow(data[col, 0], cmap=cmap, vmin=-lim[0], vmax=lim[0]), data, col, lim))
+            image = ax.imshow(data[col, 0], cmap=cmap, vmin=-lim[0], vmax=lim[0])
+            images.append((image, data, col, lim))
             ax.set(xticks=[], yticks=[], ylabel=name if col == 0 else "")
         fig.colorbar(images[-1][0], ax=axes[row].tolist(), shrink=0.9, pad=0.02)
-    line = fig.add_axes([0.08, 0.05, 0.70, 0.03])                               # the time line
-    horizon = (t[n_in_t - 1] + t[n_in_t]) / 2 if n_in_t < len(t) else t[-1]
-    line.axvspan(t[0], horizon, color="tab:green", alpha=0.3)
-    line.axvspan(horizon, t[-1], color="tab:red", alpha=0.25)
-    line.set(xlim=(t[0], t[-1]), yticks=[])
-    line.tick_params(labelsize=7)
-    line.text(horizon, 1.3, "end of training horizon", ha="center", fontsize=7, transform=line.get_xaxis_transform())
-    cursor, heading = line.axvline(t[0], color="black", lw=2), fig.suptitle("", fontsize=10)
+    cursor = time_line(fig, t, n_in_t)
+    heading = fig.suptitle("", fontsize=10)
 
     def frame(k):
         for image, data, col, lim in images:
             image.set_data(data[col, k])
             image.set_clim(-lim[k], lim[k])
         cursor.set_xdata([t[k], t[k]])
-        when = "In-t (inside the training horizon)" if k < n_in_t else "Out-t (BEYOND the training horizon)"
+        when = ("In-t (inside the training horizon)" if k < n_in_t
+                else "Out-t (BEYOND the training horizon)")
         heading.set_text(f"{title}   t = {t[k]:.2f}   {when}")
         heading.set_color("black" if k < n_in_t else "firebrick")
     animation = FuncAnimation(fig, frame, frames=len(t))
@@ -297,13 +333,26 @@ def save_gif(path, truth, pred, t, *, n_in_t, title):
         plt.close(fig)
 
 
+def time_line(fig, t, n_in_t):
+    """The time line under a GIF's panels, In-t green and Out-t red; returns its cursor."""
+    line = fig.add_axes([0.08, 0.05, 0.70, 0.03])
+    horizon = (t[n_in_t - 1] + t[n_in_t]) / 2 if n_in_t < len(t) else t[-1]
+    line.axvspan(t[0], horizon, color="tab:green", alpha=0.3)
+    line.axvspan(horizon, t[-1], color="tab:red", alpha=0.25)
+    line.set(xlim=(t[0], t[-1]), yticks=[])
+    line.tick_params(labelsize=7)
+    line.text(horizon, 1.3, "end of training horizon", ha="center", fontsize=7,
+              transform=line.get_xaxis_transform())
+    return line.axvline(t[0], color="black", lw=2)
+
+
 def save_error_plot(path, t, curves, *, n_in_t, title):
     """MSE per frame (curves: label -> (T,) values) with In-t / Out-t shaded."""
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    step = (t[1] - t[0]) if len(t) > 1 else 1.0
-    horizon = t[n_in_t - 1] + step / 2
-    ax.axvspan(t[0] - step / 2, horizon, color="tab:green", alpha=0.12, label="In-t (training horizon)")
-    ax.axvspan(horizon, t[-1] + step / 2, color="tab:red", alpha=0.10, label="Out-t (extrapolation)")
+    half = (t[1] - t[0]) / 2 if len(t) > 1 else 0.5                   # half a frame step
+    horizon = t[n_in_t - 1] + half
+    ax.axvspan(t[0] - half, horizon, color="tab:green", alpha=0.12, label="In-t (training horizon)")
+    ax.axvspan(horizon, t[-1] + half, color="tab:red", alpha=0.10, label="Out-t (extrapolation)")
     for label, values in curves.items():
         ax.plot(t, values, marker="o", markersize=3, label=label)
     ax.set(yscale="log", xlabel="t", ylabel="MSE")
@@ -319,14 +368,14 @@ def save_error_plot(path, t, curves, *, n_in_t, title):
 def draw(out, cfg, data, pred, *, observed):
     """One GIF per state channel (a few windows) and the MSE-vs-time PNG; returns file names."""
     B, T, H, W, S = data.frames.shape
-    shown = min(B, 4 if H == W else 2)                                    # the sphere's panels are 2:1
+    shown = min(B, 4 if H == W else 2)                    # the sphere's panels are 2:1
     grid_pred = pred[:shown].view(shown, T, H, W, S)
     t = data.t.cpu().numpy()
     files = []
     for s, name in enumerate(SPECS[cfg.pde].channels):
         files.append(f"forecast_{name}.gif")
-        save_gif(os.path.join(out, files[-1]), data.frames[:shown, ..., s], grid_pred[..., s], t, n_in_t=data.n_in_t,
-                 title=f"{cfg.pde} {name}")
+        save_gif(os.path.join(out, files[-1]), data.frames[:shown, ..., s], grid_pred[..., s], t,
+                 n_in_t=data.n_in_t, title=f"{cfg.pde} {name}")
     err = (pred - data.frames.flatten(2, 3)).pow(2).mean(-1).mean(0)     # (T, N)
     curves = {"all points": err.mean(1).cpu().numpy()}
     if not observed.all():
@@ -340,8 +389,11 @@ def draw(out, cfg, data, pred, *, observed):
 def default_out(path, cfg, *, split, rate, seed, res, points):
     run = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     name = os.path.splitext(os.path.basename(path))[0]
-    tags = ([] if os.path.isdir(path) or name == "best" else [name]) + (["train"] if split == "train" else [])
-    for flag, value in (("res", res if res != cfg.size else None), ("s", rate), ("seed", seed), ("points", points)):
+    tags = [] if os.path.isdir(path) or name == "best" else [name]
+    tags += ["train"] if split == "train" else []
+    conditions = (("res", res if res != cfg.size else None), ("s", rate), ("seed", seed),
+                  ("points", points))
+    for flag, value in conditions:
         if value is not None:
             tags.append(f"{flag}{value:g}")
     return os.path.join(run, "-".join(["eval"] + tags))
@@ -351,17 +403,23 @@ def default_out(path, cfg, *, split, rate, seed, res, points):
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="evaluate.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="Forecast every test window from its first frame and score it.\n"
-                                            + __doc__[__doc__.index("Usage:"):__doc__.index("Files land")].rstrip())
+    usage = __doc__[__doc__.index("Usage:"):__doc__.index("Files land")].rstrip()
+    p = argparse.ArgumentParser(
+        prog="evaluate.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Forecast every test window from its first frame and score it.\n" + usage)
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")   # one line
     add = p.add_argument
-    add("run", nargs="+", help="run folder (its best.pt) or a checkpoint of train.py (several: --figures only)")
-    add("--split", choices=("test", "train"), default="test", help="forecast the test (default) or training windows")
-    add("--subsampling", type=float, metavar="RATE", help="observe this fraction of the grid (default: the run's)")
+    add("run", nargs="+",
+        help="run folder (its best.pt) or a checkpoint of train.py (several: --figures only)")
+    add("--split", choices=("test", "train"), default="test",
+        help="forecast the test (default) or training windows")
+    add("--subsampling", type=float, metavar="RATE",
+        help="observe this fraction of the grid (default: the run's)")
     add("--mask-seed", type=int, help="seed of the observation mask: a new grid (paper Table 3)")
-    add("--resolution", type=int, metavar="N", help="the same fields at N x N (sphere: N latitudes x 2N longitudes)")
-    add("--points", type=int, metavar="N", help="also forecast at N random points anywhere in the domain")
+    add("--resolution", type=int, metavar="N",
+        help="the same fields at N x N (sphere: N latitudes x 2N longitudes)")
+    add("--points", type=int, metavar="N",
+        help="also forecast at N random points anywhere in the domain")
     add("--fit", choices=FITS, help="how alpha_0 is fitted (default: the run's, closed-form)")
     add("--fit-steps", type=int, help="Adam steps with --fit adam (default: the run's)")
     add("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
@@ -386,11 +444,13 @@ def main(argv=None):
     if len(args.run) > 1 and not args.figures:
         parser().error(f"give one run (several only with --figures), got {len(args.run)}")
     try:
+        device = solvers.resolve_device(args.device)
         if args.figures:
-            return figures(args.figures, args.run, device=resolve_device(args.device), data_dir=args.data_dir)
-        return evaluate(args.run[0], device=resolve_device(args.device), split=args.split, subsampling=args.subsampling,
-                        mask_seed=args.mask_seed, resolution=args.resolution, points=args.points, fit=args.fit,
-                        fit_steps=args.fit_steps, out=args.out, data_dir=args.data_dir, pictures=not args.no_pictures)
+            return figures(args.figures, args.run, device=device, data_dir=args.data_dir)
+        return evaluate(args.run[0], device=device, split=args.split, subsampling=args.subsampling,
+                        mask_seed=args.mask_seed, resolution=args.resolution, points=args.points,
+                        fit=args.fit, fit_steps=args.fit_steps, out=args.out,
+                        data_dir=args.data_dir, pictures=not args.no_pictures)
     except (ValueError, OSError) as err:
         parser().error(str(err))
 

@@ -75,10 +75,12 @@ class Decoder(nn.Module):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(hidden, int) or hidden < 2 or hidden % 2:
-            raise ValueError(f"hidden must be a positive even int (sin and cos halves), got {hidden!r}")
+            raise ValueError("hidden must be a positive even int (sin and cos halves), "
+                             f"got {hidden!r}")
         if not input_scale > 0:
             raise ValueError(f"input_scale must be > 0, got {input_scale!r}")
-        self.coord_dim, self.code_dim, self.hidden, self.layers = coord_dim, code_dim, hidden, layers
+        self.coord_dim, self.code_dim = coord_dim, code_dim
+        self.hidden, self.layers = hidden, layers
         K, L = hidden, layers
         # omega_l = filter_scale * filter_weight[l]: stored unscaled, as the official code does, so
         # that Adam's step size on omega is filter_scale times the learning rate.
@@ -113,8 +115,8 @@ class Decoder(nn.Module):
 
     # ---- the equations as written: run the network once per code (reference, slow)
     def decode_direct(self, coords, codes):
-        """Same contract and result as forward, computed layer by layer for every code: O(M N L K^2)
-        time and (M, N, K) activations per layer. Kept as the readable reference."""
+        """Same contract and result as forward, computed layer by layer for every code:
+        O(M N L K^2) time and (M, N, K) activations per layer. Kept as the readable reference."""
         coords, codes_g, lead = self._split(coords, codes)                      # codes_g (G, M, D)
         filters = self.filters(coords)[:, :, None]                              # (L+1, G, 1, N, K)
         # shift_l = W'_l alpha + b_l, kept as a (G, M, 1, K) broadcast, never materialised per point
@@ -133,7 +135,8 @@ class Decoder(nn.Module):
         v = filters[-1] * self.out.weight[0]                                    # v_L: (G, N, K)
         features = [v]
         for l in range(self.layers, 0, -1):
-            v = filters[l - 1] * (v @ self.hidden_weight[l - 1])                # v_{l-1} = s * W_l^T v_l
+            # v_{l-1} = s_{l-1} * W_l^T v_l, (G, N, K)
+            v = filters[l - 1] * (v @ self.hidden_weight[l - 1])
             features.append(v)
         return torch.cat(features[::-1], dim=-1)                                # (G, N, (L+1) K)
 
@@ -143,7 +146,8 @@ class Decoder(nn.Module):
         return c.flatten(-2)
 
     def affine_parts(self, coords):
-        """coords (N, X) or (G, N, X) -> AffineParts: D_phi(alpha)(x) = offset + jacobian . alpha."""
+        """coords (N, X) or (G, N, X) -> AffineParts, the decoder as an affine map of the code:
+        D_phi(alpha)(x) = offset + jacobian . alpha."""
         features = self.features(self._check_coords(coords))                   # (G, N, (L+1) K)
         weight = self.code_weight.reshape(-1, self.code_dim)                    # ((L+1) K, D)
         return AffineParts(offset=features @ self.bias.reshape(-1) + self.out.bias,  # (G, N)
@@ -168,11 +172,12 @@ class Decoder(nn.Module):
         """-> coords (G, N, X), codes (G, M, D) and the leading shape (..., S) of codes."""
         coords = self._check_coords(coords)
         if codes.dim() < 2 or codes.shape[-1] != self.code_dim:
-            raise ValueError(f"codes must be (..., S, {self.code_dim}), got shape {tuple(codes.shape)}")
+            raise ValueError(f"codes must be (..., S, {self.code_dim}), "
+                             f"got shape {tuple(codes.shape)}")
         groups = coords.shape[0]
         if groups > 1 and (codes.dim() < 3 or codes.shape[0] != groups):
-            raise ValueError(f"with per-sample coords (B={groups}, N, X) codes must be (B, ..., S, D), "
-                             f"got shape {tuple(codes.shape)}")
+            raise ValueError(f"with per-sample coords (B={groups}, N, X) "
+                             f"codes must be (B, ..., S, D), got shape {tuple(codes.shape)}")
         return coords, codes.reshape(groups, -1, self.code_dim), codes.shape[:-1]
 
     @staticmethod

@@ -6,23 +6,22 @@ Euler script (Navier-Stokes) and Dedalus (the sphere). We replace all three with
 exact in time where the PDE is linear and fourth order (planar) or second order (sphere) where it
 is not, all in torch (plus numpy for the sphere's Legendre tables), batched, on any device.
 
-Layout. Every planar solver takes a batch of initial states (B, H, W) and output times t (T,) (the initial
-state sits at time 0) and returns frames CHANNELS LAST, (B, T, H, W, S). This is a deliberate
-contract choice: solvers, datasets (windows, T, H, W, S) and the model (B, T, N, S) all share one
-layout, so a frame flattens to points with a reshape and never needs a permute. Grid axis 0 (H) is
-x, axis 1 (W) is y.
+Layout. Every planar solver takes a batch of initial states (B, H, W) and output times t (T,)
+(the initial state sits at time 0) and returns frames CHANNELS LAST, (B, T, H, W, S). This is a
+deliberate contract choice: solvers, datasets (windows, T, H, W, S) and the model (B, T, N, S)
+all share one layout, so a frame flattens to points with a reshape and never needs a permute.
+Grid axis 0 (H) is x, axis 1 (W) is y.
 
 The file reads top to bottom in this order:
 
 1. The data contract: PDEData (what a dataset is), PDESpec and the SPECS table (the paper's
-   datasets, one entry per PDE), load_dataset and its helpers, observation_mask. Datasets follow
-   the paper's table; a trajectory depends only on (split, index), train and test seeds are
-   disjoint, and the sets are cached on disk under a hash of every setting, with a checksum of
-   the data. Other grid sizes: a planar trajectory is always simulated at the paper's size (64)
-   and then evaluated on the requested grid through its own spectral interpolant (cosine series
-   for heat, Fourier series for wave and Navier-Stokes), so a 32x32 or 128x128 test set holds the
-   same fields as the 64x64 one, point for point. The sphere is always simulated at 256x128 and
-   smaller sets are every k-th point of that set.
+   datasets, one entry per PDE), load_dataset and its helpers, observation_mask. A trajectory
+   depends only on (split, index), train and test seeds are disjoint, and the sets are cached on
+   disk under a hash of every setting, with a checksum of the data. Other grid sizes: a planar
+   trajectory is always simulated at the paper's 64x64 and evaluated on the requested grid
+   through its spectral interpolant (cosine series for heat, Fourier series for wave and
+   Navier-Stokes), so a 32x32 or 128x128 set holds the same fields as the 64x64 one, point for
+   point. The sphere is always simulated at 256x128; smaller sets are every k-th point of it.
 2. Grids and spectral interpolation: trajectory seeds, planar grids, and the one spectral
    interpolant behind new grid sizes (resample) and free points (interpolate).
 3. Heat, du/dt = k Lap u on [-1, 1]^2 with zero-flux walls, cell-centred grid. The cosine series
@@ -40,18 +39,15 @@ The file reads top to bottom in this order:
 7. Rotating shallow water on the sphere (Galewsky jets), vorticity-divergence form, spectral
    transform on Gauss latitudes, IMEX RK222; the section's own comments give the equations. Its
    frames are (B, T, nlat, 2 nlat, S), north to south, longitude from 0. The section ends with
-   its dataset maker (shallow_water_trajectories) and interpolation at free points on the sphere.
+   the dataset's points and mask, interpolation at free points and the dataset maker.
 8. Files and devices: atomic writes, torch files loaded without running code, device choice.
-9. Benchmarks (--bench): ours against the official Crank-Nicolson + Euler scheme, which lives
-   there since nothing else uses it.
-10. The command line.
+9. The command line.
 
 Use:
     from solvers import load_dataset
     data = load_dataset("navier-stokes", "train")     # PDEData, frames (512, 20, 64, 64, 1)
     python solvers.py heat --split test --size 128      # build (or load) one set, print a summary
     python solvers.py shallow-water --split test        # 2 Galewsky runs of 320 h at 256x128
-    python solvers.py --bench                           # speed and accuracy against the references
 """
 import argparse
 import contextlib
@@ -74,7 +70,7 @@ from grf import sample_grf
 PDES = ("heat", "wave", "navier-stokes", "shallow-water")
 
 
-# ---------------------------------------------------------------------------- the data contract
+# ---------------------------------------------------------------- the data contract
 @dataclass
 class PDEData:
     """One split of one PDE's dataset, as load_dataset returns it."""
@@ -92,21 +88,21 @@ class PDEData:
 class PDESpec:
     """Everything load_dataset needs to know about one PDE's dataset (the paper's table)."""
     channels: tuple          # names of the S state channels
-    boundary: str            # how the grid continues: 'cosine' (zero-flux walls), 'periodic', 'sphere'
+    boundary: str            # the grid's edges: 'cosine' (zero-flux walls), 'periodic', 'sphere'
     spacing: float           # time between frames
     windows: int             # windows of `window` frames per trajectory
     trajectories: dict       # split -> paper count (the default)
     sizes: dict              # split -> paper grid size (H)
-    make: Callable           # make(split, indices, size, verbose=, device=) -> (n, windows * window, H, W, S)
-                             # on the CPU, computed on `device`
+    make: Callable           # (split, indices, size, verbose=, device=) -> (n, T, H, W, S) on
+                             # the CPU, computed on `device`; T = windows * window
     coords: Callable         # coords(size) -> (H, W, X) physical positions
     mask: Callable = lambda size: None  # size -> (H, W) bool default observation mask, or None
     settings: dict = field(default_factory=dict)  # physical settings, part of the cache key
     window: int = 20
     n_in_t: int = 10
-    width_ratio: int = 1     # grid points along W per point along H (the sphere: 2 longitudes per latitude)
-    cut_from: int | None = None  # if set: sets of other sizes are every k-th point of this size's set
-    most: dict | None = None     # split -> largest count allowed, where more than the paper's make sense
+    width_ratio: int = 1     # points along W per point along H (sphere: 2 longitudes per latitude)
+    cut_from: int | None = None  # if set: other sizes' sets are every k-th point of this size's set
+    most: dict | None = None     # split -> largest count allowed, where it exceeds the paper's
 
 
 # The sphere's simulation settings that its SPECS entry records (and so its cache key holds); the
@@ -119,20 +115,22 @@ SPHERE_DATA_NLAT = 128             # the paper's simulation grid: 256 lon x 128 
 # up when called, so the table can come first.
 SPECS = {
     "heat": PDESpec(
-        channels=("u",), boundary="cosine", spacing=0.25, windows=2, trajectories={"train": 256, "test": 16},
-        sizes={"train": 64, "test": 64},
+        channels=("u",), boundary="cosine", spacing=0.25, windows=2,
+        trajectories={"train": 256, "test": 16}, sizes={"train": 64, "test": 64},
         make=lambda *args, **kwargs: make_heat(*args, **kwargs),
         coords=lambda size: planar_coords(size, low=-1.0, high=1.0, cell_centred=True),
-        settings=dict(diffusivity=0.1, grf=(2.5, 7.0), domain="[-1,1]^2 cell-centred, Neumann", dtype="float32")),
+        settings=dict(diffusivity=0.1, grf=(2.5, 7.0), domain="[-1,1]^2 cell-centred, Neumann",
+                      dtype="float32")),
     "wave": PDESpec(
-        channels=("u", "du_dt"), boundary="periodic", spacing=0.25, windows=8, trajectories={"train": 64, "test": 4},
-        sizes={"train": 64, "test": 64},
+        channels=("u", "du_dt"), boundary="periodic", spacing=0.25, windows=8,
+        trajectories={"train": 64, "test": 4}, sizes={"train": 64, "test": 64},
         make=lambda *args, **kwargs: make_wave(*args, **kwargs),
         coords=lambda size: planar_coords(size, low=-1.0, high=1.0, cell_centred=False),
-        settings=dict(speed=1.0 / 16, radius=(0.25, 0.30), height=(2.0, 4.0), domain="[-1,1)^2 periodic", dtype="float32")),
+        settings=dict(speed=1.0 / 16, radius=(0.25, 0.30), height=(2.0, 4.0),
+                      domain="[-1,1)^2 periodic", dtype="float32")),
     "navier-stokes": PDESpec(
-        channels=("vorticity",), boundary="periodic", spacing=1.0, windows=2, trajectories={"train": 256, "test": 16},
-        sizes={"train": 64, "test": 64},
+        channels=("vorticity",), boundary="periodic", spacing=1.0, windows=2,
+        trajectories={"train": 256, "test": 16}, sizes={"train": 64, "test": 64},
         make=lambda *args, **kwargs: make_navier_stokes(*args, **kwargs),
         coords=lambda size: planar_coords(size, low=0.0, high=1.0, cell_centred=False),
         settings=dict(viscosity=1e-3, spin_up=30.0, forcing="0.1(sin 2pi(x+y) + cos 2pi(x+y))",
@@ -140,15 +138,15 @@ SPECS = {
     # Simulated at 256x128 (T127) whatever the size asked for; smaller sets are every k-th point of
     # that set, so every size (and evaluate.py's free points) sees the same simulation.
     "shallow-water": PDESpec(
-        channels=("height", "vorticity"), boundary="sphere", spacing=1.0, windows=8, trajectories={"train": 8, "test": 2},
-        sizes={"train": 64, "test": 64}, cut_from=SPHERE_DATA_NLAT, width_ratio=2,
-        most={"train": 16, "test": 2},  # a later paper trained on 16 runs: n_trajectories=16
+        channels=("height", "vorticity"), boundary="sphere", spacing=1.0, windows=8,
+        trajectories={"train": 8, "test": 2}, sizes={"train": 64, "test": 64}, width_ratio=2,
+        cut_from=SPHERE_DATA_NLAT, most={"train": 16, "test": 2},  # a later paper used 16 runs
         make=lambda split, indices, size, **kwargs: shallow_water_trajectories(
             split, indices, size=size, threads=1, **kwargs),
         coords=lambda size: sphere_coords(size), mask=lambda size: latitude_mask(size),
         settings=dict(galewsky_u_max=(60.0, 80.0), hours=(160, 320), sim_nlat=SPHERE_DATA_NLAT,
-                      dt=600.0, hyperdiffusion=SPHERE_HYPERDIFFUSION, scheme="IMEX RK222, 3/2 padding",
-                      units="h'/R*3000, zeta[1/h]*2")),
+                      dt=600.0, hyperdiffusion=SPHERE_HYPERDIFFUSION,
+                      scheme="IMEX RK222, 3/2 padding", units="h'/R*3000, zeta[1/h]*2")),
 }
 CACHE_VERSION = 1  # bump when a generator changes in a way the settings do not show
 
@@ -174,15 +172,17 @@ def load_dataset(pde, split, *, size=None, data_dir="data", n_trajectories=None,
     path = _cache_path(data_dir, pde=pde, split=split, size=size, n=n, settings=settings)
     payload = None
     if os.path.exists(path):
-        payload, problem = _read_cache(path, settings, (n * spec.windows, spec.window, len(spec.channels)))
+        expected_shape = (n * spec.windows, spec.window, len(spec.channels))
+        payload, problem = _read_cache(path, settings, expected_shape)
         if problem:
             print(f"cache {path} is {problem}; regenerating it", flush=True)
     if payload is None:
         check_writable(data_dir, name="data_dir")
         start = time.time()
         if verbose:
-            grid = "x".join(map(str, reversed(spec.coords(size).shape[:2])))  # W x H (sphere: lon x lat)
-            print(f"generating {pde} {split}: {n} trajectories on a {grid} grid -> {path}", flush=True)
+            grid = "x".join(map(str, reversed(spec.coords(size).shape[:2])))  # W x H (lon x lat)
+            print(f"generating {pde} {split}: {n} trajectories on a {grid} grid -> {path}",
+                  flush=True)
         payload = _build(pde, split, size=size, n=n, spec=spec, data_dir=data_dir, verbose=verbose,
                          device=device)
         payload["settings"], payload["checksum"] = settings, _checksum(payload)
@@ -198,12 +198,13 @@ def load_dataset(pde, split, *, size=None, data_dir="data", n_trajectories=None,
 
 
 def _resolve(pde, split, size, n_trajectories):
-    """(spec, size, n) of a load_dataset call: defaults filled in, every argument checked (ValueError)."""
+    """(spec, size, n) for load_dataset: defaults filled in, every argument checked (ValueError)."""
     if pde not in SPECS:
         raise ValueError(f"unknown pde {pde!r}; allowed: {', '.join(PDES)}")
     spec = SPECS[pde]
     if split not in spec.trajectories:
-        raise ValueError(f"unknown split {split!r} for {pde}; allowed: {', '.join(spec.trajectories)}")
+        raise ValueError(f"unknown split {split!r} for {pde}; "
+                         f"allowed: {', '.join(spec.trajectories)}")
     for name, value in (("size", size), ("n_trajectories", n_trajectories)):
         if value is not None and (isinstance(value, bool) or not float(value).is_integer()):
             raise ValueError(f"{name} must be a whole number, got {value!r}")
@@ -212,14 +213,16 @@ def _resolve(pde, split, size, n_trajectories):
         raise ValueError(f"size must be >= 4 grid points, got {size}")
     if spec.cut_from and spec.cut_from % size:
         allowed = [s for s in range(4, spec.cut_from + 1) if spec.cut_from % s == 0]
-        raise ValueError(f"size {size} is not allowed for {pde}: it must divide the simulation grid "
-                         f"{spec.cut_from} (allowed: {', '.join(map(str, allowed))})")
+        raise ValueError(f"size {size} is not allowed for {pde}: it must divide the simulation "
+                         f"grid {spec.cut_from} (allowed: {', '.join(map(str, allowed))})")
     n = spec.trajectories[split] if n_trajectories is None else int(n_trajectories)
     most = (spec.most or spec.trajectories)[split]
     if not 1 <= n <= most:
-        raise ValueError(f"n_trajectories must be in 1..{most} for {pde} {split}, got {n_trajectories}")
+        raise ValueError(f"n_trajectories must be in 1..{most} for {pde} {split}, "
+                         f"got {n_trajectories}")
     # float32 frames, held about three times while a set is built, resampled and serialised
-    need = 3 * 4 * n * spec.windows * spec.window * size * size * spec.width_ratio * len(spec.channels)
+    need = (3 * 4 * n * spec.windows * spec.window * size * size * spec.width_ratio
+            * len(spec.channels))
     if need > physical_memory():
         raise ValueError(f"a {pde} {split} set of {n} trajectories at size {size} needs about "
                          f"{need / 2**30:.0f} GiB of memory, more than this machine's "
@@ -228,7 +231,7 @@ def _resolve(pde, split, size, n_trajectories):
 
 
 def _cache_path(data_dir, *, pde, split, size, n, settings):
-    """The cache file: readable names, plus a hash of every setting, so a changed setting is a new file."""
+    """The cache file: a readable name plus a hash of every setting (new settings, new file)."""
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return os.path.join(data_dir, f"{pde}-{split}-{size}px-{n}traj-{digest}.pt")
 
@@ -244,7 +247,7 @@ def _checksum(payload):
 
 
 def _read_cache(path, settings, expected_shape):
-    """The cached payload, or None with the reason when the file is unreadable, stale or corrupted."""
+    """(payload, None), or (None, why) when the file is unreadable, stale or corrupted."""
     try:
         payload = load_torch(path, kind="a dataset cache")
     except ValueError as err:  # truncated, not a torch file, ...
@@ -267,7 +270,7 @@ def _build(pde, split, *, size, n, spec, data_dir, verbose, device):
     else:
         full = spec.make(split, range(n), size, verbose=verbose, device=device)  # (n, T, H, W, S)
         frames = full[:, : spec.windows * spec.window].reshape(
-            n * spec.windows, spec.window, *full.shape[2:])  # (windows, T, H, W, S), trajectory-major
+            n * spec.windows, spec.window, *full.shape[2:])  # (windows, T, H, W, S) by trajectory
     if not torch.isfinite(frames).all():
         raise RuntimeError(f"{pde} {split}: the generator produced non-finite values")
     mask = spec.mask(size)
@@ -294,7 +297,7 @@ def observation_mask(data, rate, seed):
     return mask.to(data.coords.device)
 
 
-# ---------------------------------------------------------------------------- grids and spectral interpolation
+# ---------------------------------------------------------------- grids and spectral interpolation
 def trajectory_seed(split, index):
     """The seed of trajectory (split, index): index for train, 2^31 - 1 - index for test (disjoint
     sets, as the official code)."""
@@ -338,15 +341,18 @@ def spectral_basis(n, s, *, boundary, dtype=torch.float64, device="cpu"):
     s = torch.as_tensor(s, **opts)
     centres = (torch.arange(n, **opts) + 0.5) / n
     if boundary == "cosine":
-        basis = (cosine_modes(n, s, **opts) * cosine_synthesis_weights(n, **opts)) @ cosine_modes(n, centres, **opts).T
+        synthesis = cosine_modes(n, s, **opts) * cosine_synthesis_weights(n, **opts)  # (Q, n)
+        basis = synthesis @ cosine_modes(n, centres, **opts).T
     elif boundary == "periodic":
         if n % 2:
             raise ValueError(f"periodic interpolation needs an even number of grid points, got {n}")
         offset = s[:, None] - torch.arange(n, **opts)[None, :] / n          # (Q, n) in periods
         k = torch.arange(1, n // 2, **opts)
-        basis = (1 + 2 * torch.cos(2 * math.pi * k * offset[..., None]).sum(-1) + torch.cos(math.pi * n * offset)) / n
+        harmonics = torch.cos(2 * math.pi * k * offset[..., None]).sum(-1)  # modes 1 .. n/2 - 1
+        basis = (1 + 2 * harmonics + torch.cos(math.pi * n * offset)) / n
     else:
-        raise ValueError(f"boundary {boundary!r} has no planar interpolant; allowed: cosine, periodic")
+        raise ValueError(f"boundary {boundary!r} has no planar interpolant; "
+                         f"allowed: cosine, periodic")
     return basis.to(dtype=dtype, device=device)
 
 
@@ -376,7 +382,7 @@ def interpolate(frames, s_x, s_y, *, boundary):
     return torch.einsum("qh,...hws,qw->...qs", b_x, frames, b_y)
 
 
-# ---------------------------------------------------------------------------- heat
+# ---------------------------------------------------------------- heat
 def solve_heat(u0, t, *, diffusivity=0.1, length=2.0):
     """du/dt = k Lap u on a square of side `length`, zero-flux walls, cell-centred grid.
 
@@ -394,20 +400,22 @@ def solve_heat(u0, t, *, diffusivity=0.1, length=2.0):
     coeff = d_x @ u0 @ d_y.T  # (B, H, W) cosine coefficients a_mn (unnormalised DCT-II)
     lam_x = (math.pi * torch.arange(h, **opts) / length) ** 2  # (H,)
     lam_y = (math.pi * torch.arange(w, **opts) / length) ** 2  # (W,)
-    decay = torch.exp(-diffusivity * t[:, None, None] * (lam_x[:, None] + lam_y[None, :]))  # (T, H, W)
+    decay = torch.exp(-diffusivity * t[:, None, None] * (lam_x[:, None] + lam_y[None, :]))
     # inverse DCT-II: the transposed matrix with the synthesis weights
-    coeff = coeff * cosine_synthesis_weights(h, **opts)[:, None] * cosine_synthesis_weights(w, **opts)[None, :]
-    u = d_x.T @ (coeff[:, None] * decay) @ d_y  # (B, T, H, W)
+    weight_x, weight_y = cosine_synthesis_weights(h, **opts), cosine_synthesis_weights(w, **opts)
+    coeff = coeff * weight_x[:, None] * weight_y[None, :]
+    u = d_x.T @ (coeff[:, None] * decay) @ d_y  # (B, T, H, W); decay is (T, H, W)
     return u.unsqueeze(-1)  # (B, T, H, W, 1)
 
 
-# ---------------------------------------------------------------------------- wave
+# ---------------------------------------------------------------- wave
 def solve_wave(u0, v0, t, *, speed=1.0 / 16, length=2.0):
     """d2u/dt2 = c^2 Lap u on the periodic square [0, length)^2, state (u, v = du/dt).
 
     u0, v0 (B, H, W), t (T,) -> (B, T, H, W, 2) with channels (u, du/dt). Exact in time: each
     Fourier mode with wavenumber |k| turns (u_k, v_k) at the frequency omega = c|k|:
-        u_k(t) = u_k cos(omega t) + v_k sin(omega t) / omega,  v_k(t) = -omega u_k sin(omega t) + v_k cos(omega t)
+        u_k(t) = u_k cos(omega t) + v_k sin(omega t) / omega,
+        v_k(t) = -omega u_k sin(omega t) + v_k cos(omega t)
     (omega = 0: u_k + v_k t). Spectral in space, so the energy 1/2 int v^2 + c^2 |grad u|^2 is
     conserved to rounding.
     """
@@ -426,7 +434,7 @@ def solve_wave(u0, v0, t, *, speed=1.0 / 16, length=2.0):
     return torch.stack([u_t, v_t], dim=-1)  # (B, T, H, W, 2)
 
 
-# ---------------------------------------------------------------------------- Navier-Stokes
+# ---------------------------------------------------------------- Navier-Stokes
 @dataclass
 class SpectralOps:
     """Fourier multipliers of an rfft2 grid on the unit torus, shared by the NS time steppers."""
@@ -443,9 +451,10 @@ def spectral_ops(nx, ny, *, dtype, device):
     ky_int = torch.fft.rfftfreq(ny, d=1.0 / ny, dtype=dtype, device=device)[None, :]  # (1, W//2+1)
     k_x, k_y = 2 * math.pi * kx_int, 2 * math.pi * ky_int
     lap = k_x**2 + k_y**2
-    lap[0, 0] = 1.0  # psi's mean is arbitrary; w has no mean mode in the Poisson solve, so psi_0 = 0
+    lap[0, 0] = 1.0  # psi's mean is arbitrary: its multipliers below are 0 at k = 0 (no 0/0)
     # -Lap psi = w  =>  psi_h = w_h / |k|^2;  u = d psi/dy, v = -d psi/dx, plus grad w.
-    to_fields = torch.stack(torch.broadcast_tensors(1j * k_y / lap, -1j * k_x / lap, 1j * k_x, 1j * k_y))
+    multipliers = (1j * k_y / lap, -1j * k_x / lap, 1j * k_x, 1j * k_y)
+    to_fields = torch.stack(torch.broadcast_tensors(*multipliers))
     # 2/3 rule: products of two fields with |k_i| <= n/3 alias only onto modes above n/3, removed.
     dealias = (kx_int.abs() <= (2.0 / 3.0) * (nx // 2)) & (ky_int.abs() <= (2.0 / 3.0) * (ny // 2))
     k_max = 2 * math.pi * (2.0 / 3.0) * max(nx // 2, ny // 2)
@@ -466,20 +475,21 @@ def ns_advection(w_h, ops):
 
 class AdvectionAndRate(NamedTuple):
     advection: torch.Tensor  # (B, H, W//2+1) as ns_advection returns it
-    rate: torch.Tensor       # (B,) Courant rate max(|u| + |v|) * k_max: times dt, the Courant number
+    rate: torch.Tensor       # (B,) max(|u| + |v|) * k_max: times dt, the Courant number
 
 
 def ns_advection_and_rate(w_h, ops):
     """ns_advection and each trajectory's Courant rate, the rate from the velocity the advection
     computes anyway (no extra transform): w_h (B, H, W//2+1) -> AdvectionAndRate."""
     advection, u, v = _ns_advection_and_velocity(w_h, ops)
-    return AdvectionAndRate(advection=advection, rate=(u.abs() + v.abs()).amax(dim=(-2, -1)) * ops.k_max)
+    rate = (u.abs() + v.abs()).amax(dim=(-2, -1)) * ops.k_max
+    return AdvectionAndRate(advection=advection, rate=rate)
 
 
 def _ns_advection_and_velocity(w_h, ops):
     """(advection (B, H, W//2+1), u (B, H, W), v (B, H, W)): the grid velocity and vorticity
     gradient come from one batched inverse FFT, the advection from one forward FFT."""
-    u, v, dw_dx, dw_dy = torch.fft.irfft2(w_h[:, None] * ops.to_fields, s=ops.shape).unbind(1)  # (B, H, W) each
+    u, v, dw_dx, dw_dy = torch.fft.irfft2(w_h[:, None] * ops.to_fields, s=ops.shape).unbind(1)
     return -torch.fft.rfft2(u * dw_dx + v * dw_dy) * ops.dealias, u, v
 
 
@@ -497,7 +507,7 @@ def _ifrk4_step(w_h, dt_b, ops, *, viscosity, f_h):
     n3 = ns_advection(e * w_h + dt_b / 2 * n2, ops) + f_h
     n4 = ns_advection(e * e * w_h + dt_b * e * n3, ops) + f_h
     w_new = e * e * w_h + dt_b / 6 * (e * e * n1 + 2 * e * (n2 + n3) + n4)
-    return w_new, first.rate * dt_b[:, 0, 0]  # new state, Courant number at the start of the step (B,)
+    return w_new, first.rate * dt_b[:, 0, 0]  # new state, (B,) Courant number at the step's start
 
 
 def solve_navier_stokes(w0, t, *, viscosity=1e-3, forcing=None, dt=None, cfl=2.0, max_cfl=2.6,
@@ -563,13 +573,14 @@ def _ns_interval(w_h, span, ops, *, viscosity, f_h, dt, cfl, max_cfl, max_halvin
             return state
         if dt is not None:
             raise ValueError(f"dt={dt} is unstable here: Courant number {worst.max():.2f} > "
-                             f"max_cfl={max_cfl} (or non-finite values); use a smaller dt or dt=None")
+                             f"max_cfl={max_cfl} (or non-finite values); "
+                             "use a smaller dt or dt=None")
         steps = torch.where(bad, 2 * steps, steps)  # only the failing trajectories change
     raise RuntimeError(f"Navier-Stokes step still unstable after {max_halvings} halvings for "
                        f"trajectories {bad.nonzero().flatten().tolist()}: the state is blowing up")
 
 
-# ---------------------------------------------------------------------------- the dataset makers
+# ---------------------------------------------------------------- the dataset makers
 def in_batches(make_batch, indices, *, batch, label="", verbose=False, device="cpu",
                bytes_each=0):
     """Concatenate make_batch(indices[i:i + batch]) over consecutive batches (dim 0), on the CPU.
@@ -588,7 +599,7 @@ def in_batches(make_batch, indices, *, batch, label="", verbose=False, device="c
         for lo in range(0, len(indices), batch):
             out.append(make_batch(indices[lo:lo + batch]).cpu())
             done, now = min(lo + batch, len(indices)), time.time()
-            if verbose and (now - last_print > 10 or done == len(indices)):  # every 10 s and at the end
+            if verbose and (now - last_print > 10 or done == len(indices)):
                 last_print, spent = now, now - start
                 print(f"  {label}: {done}/{len(indices)} trajectories, {spent:.0f} s, "
                       f"eta {spent / done * (len(indices) - done):.0f} s", flush=True)
@@ -617,8 +628,8 @@ def make_heat(split, indices, size, *, diffusivity=0.1, n_frames=40, spacing=0.2
 def wave_bump(size, seeds, *, dtype=torch.float64):
     """Gaussian bumps height * exp(-d^2 / (2 r^2)) on the periodic [-1, 1)^2 grid, r ~ U(0.25,
     0.30), height ~ U(2, 4), centre uniform (a random periodic shift): (n, size, size)."""
-    draws = torch.stack([torch.rand(4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-                         for seed in seeds])  # (n, 4) noise on the CPU per seed
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]  # CPU, one per seed
+    draws = torch.stack([torch.rand(4, generator=g, dtype=torch.float64) for g in generators])
     radius, height = 0.25 + 0.05 * draws[:, 0], 2.0 + 2.0 * draws[:, 1]
     centre = -1.0 + 2.0 * draws[:, 2:]  # (n, 2)
     xy = planar_coords(size, low=-1.0, high=1.0, cell_centred=False)  # (H, W, 2)
@@ -665,24 +676,24 @@ def make_navier_stokes(split, indices, size, *, viscosity=1e-3, spin_up=30.0, n_
                       device=device, bytes_each=4 * n_frames * max(size, 64) ** 2)
 
 
-# ---------------------------------------------------------------------------- shallow water on the sphere
+# ---------------------------------------------------------------- shallow water on the sphere
 # The rotating shallow-water equations on a sphere of radius R, in VORTICITY-DIVERGENCE form
 #   d(zeta)/dt = -div((zeta + f) u)                          - nu (Lap + 1/R^2)^2 zeta
 #   d(delta)/dt = curl((zeta + f) u) - Lap(|u|^2/2 + g h)     - nu (Lap + 1/R^2)^2 delta
 #   d(h)/dt     = -H delta - div(h u)                         - nu Lap^2 h
 # with h the height deviation from the mean depth H, f = 2 Omega sin(lat) (or any 2-D field) and
 # u = k x grad(psi) + grad(chi), Lap psi = zeta, Lap chi = delta.
-# Why vorticity-divergence and not the vector form: the state is three SCALAR fields, so a single
-# scalar spherical-harmonic transform (plus its derivative table) does everything, and gravity waves
-# plus hyperdiffusion become a 2x2 linear system per degree l, solved in closed form. The vector form
-# would need spin-weighted (vector) harmonics for u.
-# The hyperdiffusion is nu Lap^2 applied to the VELOCITY vector (the rough / connection Laplacian, as
-# Dedalus's lap(lap(u))), which acts on curl and divergence as (Lap + 1/R^2)^2; on h it is nu Lap^2.
+# Why vorticity-divergence and not the vector form: the state is three SCALAR fields, so one
+# scalar spherical-harmonic transform (plus its derivative table) does everything, and gravity
+# waves plus hyperdiffusion become a 2x2 linear system per degree l, solved in closed form. The
+# vector form would need spin-weighted (vector) harmonics for u.
+# The hyperdiffusion is nu Lap^2 applied to the VELOCITY vector (the rough / connection Laplacian,
+# as Dedalus's lap(lap(u))), which acts on curl and divergence as (Lap + 1/R^2)^2; on h, nu Lap^2.
 #
-# Spectral transform method: Gauss-Legendre latitudes, equispaced longitudes (nlon = 2 nlat), real FFT
-# in longitude, fully normalised associated Legendre functions by the standard three-term recurrence
-# in float64, triangular truncation l <= lmax = nlat - 1. Products are formed on a 3/2-padded grid
-# (no aliasing of quadratic terms), as Dedalus does.
+# Spectral transform method: Gauss-Legendre latitudes, equispaced longitudes (nlon = 2 nlat), real
+# FFT in longitude, fully normalised associated Legendre functions by the standard three-term
+# recurrence in float64, triangular truncation l <= lmax = nlat - 1. Products are formed on a
+# 3/2-padded grid (no aliasing of quadratic terms), as Dedalus does.
 # Time stepping: IMEX RK222 (Ascher, Ruuth & Spiteri 1997, the scheme Dedalus calls RK222), second
 # order; gravity waves and hyperdiffusion implicit, advection and Coriolis explicit. Stable at
 # dt = 600 s at 256x128 (the explicit part is limited by advection, |u| dt / dx ~ 0.4).
@@ -705,29 +716,31 @@ def sphere_legendre(lmax, mu):
     """Fully normalised associated Legendre functions and their (1 - mu^2) d/dmu, float64 numpy.
 
     P[m, l, j] = Pbar_l^m(mu_j) with int_{-1}^{1} Pbar^2 dmu = 1 (no Condon-Shortley phase),
-    H[m, l, j] = (1 - mu_j^2) dPbar_l^m/dmu (mu_j), both (lmax+1, lmax+1, len(mu)), zero where l < m.
+    H[m, l, j] = (1 - mu_j^2) dPbar_l^m/dmu (mu_j), both (lmax+1, lmax+1, len(mu)), 0 for l < m.
     Recurrence in l at fixed m (stable; starts from the sectoral Pbar_m^m), so no factorials appear.
     """
     mu = np.asarray(mu, dtype=np.float64)
-    n_degrees = lmax + 2                           # one extra degree: H_l needs Pbar_{l+1}
+    n_degrees = lmax + 2             # one extra degree: H_l needs Pbar_{l+1}
     sin_colat = np.sqrt(1.0 - mu**2)
     P = np.zeros((lmax + 1, n_degrees, mu.size))
     ms = np.arange(lmax + 1, dtype=np.float64)
     pmm = np.full(mu.shape, math.sqrt(0.5))
-    for m in range(lmax + 1):                      # sectoral: Pbar_mm = sqrt((2m+1)/(2m)) s Pbar_m-1,m-1
+    for m in range(lmax + 1):        # sectoral: Pbar_mm = sqrt((2m+1)/(2m)) s Pbar_m-1,m-1
         # (s^m < 1e-308 near the poles for m > ~250: those functions are negligible there anyway)
         if m > 0:
             pmm = pmm * math.sqrt((2 * m + 1) / (2 * m)) * sin_colat
         P[m, m] = pmm
-    for l in range(1, n_degrees):                  # Pbar_l = a (mu Pbar_{l-1} - b Pbar_{l-2}) for m < l
-        m = ms[: min(l, lmax + 1)][:, None]        # (m, 1)
+    for l in range(1, n_degrees):    # Pbar_l = a (mu Pbar_{l-1} - b Pbar_{l-2}) for m < l
+        m = ms[: min(l, lmax + 1)][:, None]  # (m, 1)
         a = np.sqrt((4.0 * l * l - 1.0) / (l * l - m * m))
-        b = np.sqrt(np.clip(((l - 1.0) ** 2 - m * m) / max(4.0 * (l - 1.0) ** 2 - 1.0, 1.0), 0, None))
+        b2 = ((l - 1.0) ** 2 - m * m) / max(4.0 * (l - 1.0) ** 2 - 1.0, 1.0)
+        b = np.sqrt(np.clip(b2, 0, None))
         prev2 = P[: m.size, l - 2] if l >= 2 else 0.0
         P[: m.size, l] = a * (mu * P[: m.size, l - 1] - b * prev2)
     l = np.arange(n_degrees, dtype=np.float64)[None, :]
     m = ms[:, None]
-    eps = np.sqrt(np.clip((l * l - m * m) / (4.0 * l * l - 1.0), 0, None))   # (m, l): mu P_l = eps_{l+1} P_{l+1} + eps_l P_{l-1}
+    # eps (m, l): mu P_l = eps_{l+1} P_{l+1} + eps_l P_{l-1}
+    eps = np.sqrt(np.clip((l * l - m * m) / (4.0 * l * l - 1.0), 0, None))
     H = np.zeros((lmax + 1, lmax + 1, mu.size))
     for ll in range(lmax + 1):
         lower = P[:, ll - 1] if ll >= 1 else 0.0
@@ -740,7 +753,7 @@ class SphereTransform:
     """Spherical-harmonic transform between a (.., nlat, nlon) grid and (.., M, L) coefficients.
 
     Coefficients c[.., m, l] (complex, 0 <= m <= l <= lmax, zero for l < m) of a REAL field
-    f(lon, mu) = sum_{m=-lmax}^{lmax} sum_l c_lm Pbar_l^m(mu) e^{i m lon}, with c_{l,-m} = conj(c_lm).
+    f(lon, mu) = sum_{m=-lmax}^{lmax} sum_l c_lm Pbar_l^m(mu) e^{i m lon}, c_{l,-m} = conj(c_lm).
     Default grid: nlat Gauss latitudes (north to south) and nlon equispaced longitudes from 0.
     `mu` evaluates on other latitudes (then only the grid direction `to_grid` is available).
     """
@@ -776,20 +789,23 @@ class SphereTransform:
 
     def legendre_forward(self, F, table):      # (N, nlat, M) -> (N, M, L), Gauss quadrature
         if self.weights is None:
-            raise ValueError("this transform has no quadrature (built with mu=...): only to_grid works")
-        X = torch.view_as_real((F * self.weights[:, None]).permute(2, 1, 0).contiguous())  # (M, nlat, N, 2)
-        Y = torch.bmm(table, X.reshape(X.shape[0], X.shape[1], -1))                       # (M, L, 2N)
+            raise ValueError("this transform has no quadrature (built with mu=...): "
+                             "only to_grid works")
+        weighted = (F * self.weights[:, None]).permute(2, 1, 0)                 # (M, nlat, N)
+        X = torch.view_as_real(weighted.contiguous())                            # (M, nlat, N, 2)
+        Y = torch.bmm(table, X.reshape(*X.shape[:2], -1))                        # (M, L, 2N)
         return torch.view_as_complex(Y.reshape(Y.shape[0], Y.shape[1], -1, 2)).permute(2, 0, 1)
 
     def legendre_inverse(self, c, table):      # (N, M, L) -> (N, nlat, M)
-        X = torch.view_as_real(c.permute(1, 2, 0).contiguous())                            # (M, L, N, 2)
-        Y = torch.bmm(table.transpose(1, 2), X.reshape(X.shape[0], X.shape[1], -1))        # (M, nlat, 2N)
+        X = torch.view_as_real(c.permute(1, 2, 0).contiguous())                  # (M, L, N, 2)
+        Y = torch.bmm(table.transpose(1, 2), X.reshape(*X.shape[:2], -1))       # (M, nlat, 2N)
         return torch.view_as_complex(Y.reshape(Y.shape[0], Y.shape[1], -1, 2)).permute(2, 1, 0)
 
     # -- whole transforms for scalar fields (any leading dims)
     def to_spec(self, f):
         if tuple(f.shape[-2:]) != (self.nlat, self.nlon):
-            raise ValueError(f"grid shape {tuple(f.shape)}: expected (..., {self.nlat}, {self.nlon})")
+            raise ValueError(f"grid shape {tuple(f.shape)}: "
+                             f"expected (..., {self.nlat}, {self.nlon})")
         lead = f.shape[:-2]
         F = self.fourier_forward(f.reshape(-1, *f.shape[-2:]))
         return self.legendre_forward(F, self.P).reshape(*lead, self.lmax + 1, self.lmax + 1)
@@ -803,8 +819,8 @@ class SphereTransform:
     def curl_div(self, u, v, radius=SPHERE_RADIUS):
         """(.., nlat, nlon) velocity -> (curl, div) coefficients, each (.., M, L).
 
-        With U = u cos(lat): div_lm = 1/R sum_j w_j [i m U_m Pbar - V_m H] / (1 - mu_j^2), curl alike
-        (the mu-derivative moved onto Pbar by parts, so the poles never enter)."""
+        With U = u cos(lat): div_lm = 1/R sum_j w_j [i m U_m Pbar - V_m H] / (1 - mu_j^2), curl
+        alike (the mu-derivative moved onto Pbar by parts, so the poles never enter)."""
         lead = u.shape[:-2]
         n = u[..., 0, 0].numel()
         uv = torch.stack([u, v]).reshape(2 * n, *u.shape[-2:]) / self.cos_lat[:, None]
@@ -825,9 +841,11 @@ class SphereTransform:
         im = 1j * self.m[:, None]
         fP = self.legendre_inverse(torch.cat([im * chi, im * psi]), self.P)
         fH = self.legendre_inverse(torch.cat([psi, chi]), self.H)
-        # U = u cos(lat) = (-(1-mu^2) dpsi/dmu + dchi/dlon) / R, V = (dpsi/dlon + (1-mu^2) dchi/dmu) / R
-        UV = self.fourier_inverse(torch.cat([fP[:n] - fH[:n], fP[n:] + fH[n:]])) / (radius * self.cos_lat[:, None])
-        return UV[:n].reshape(*lead, self.nlat, self.nlon), UV[n:].reshape(*lead, self.nlat, self.nlon)
+        # U = u cos(lat) = (-(1-mu^2) dpsi/dmu + dchi/dlon) / R,
+        # V = v cos(lat) = (dpsi/dlon + (1-mu^2) dchi/dmu) / R
+        UV = self.fourier_inverse(torch.cat([fP[:n] - fH[:n], fP[n:] + fH[n:]]))  # (2n, nlat, nlon)
+        uv = (UV / (radius * self.cos_lat[:, None])).reshape(2, *lead, self.nlat, self.nlon)
+        return uv[0], uv[1]
 
 
 def sphere_inverse_laplacian(l, radius=SPHERE_RADIUS):
@@ -837,12 +855,12 @@ def sphere_inverse_laplacian(l, radius=SPHERE_RADIUS):
 
 
 class SphereShallowWater:
-    """Batched spectral-transform shallow-water solver; state x: (B, 3, M, L) complex128 coefficients
-    of (relative vorticity [1/s], divergence [1/s], height deviation h' [m]).
+    """Batched spectral-transform shallow-water solver; state x: (B, 3, M, L) complex128
+    coefficients of (relative vorticity [1/s], divergence [1/s], height deviation h' [m]).
 
-    nlat Gauss latitudes x 2 nlat longitudes (the physical grid `self.grid`), lmax = nlat - 1, products
-    on the 3/2-padded grid `self.pad`. coriolis_tilt alpha tilts the rotation axis towards lon = 0
-    (Williamson test case 2): f = 2 Omega (sin(lat) cos(alpha) - cos(lon) cos(lat) sin(alpha)).
+    nlat Gauss latitudes x 2 nlat longitudes (the physical grid `self.grid`), lmax = nlat - 1,
+    products on the 3/2-padded grid `self.pad`. coriolis_tilt alpha tilts the rotation axis to
+    lon = 0 (Williamson case 2): f = 2 Omega (sin(lat) cos(alpha) - cos(lon) cos(lat) sin(alpha)).
     Use: x = sphere_galewsky_state(solver); x = solver.advance(x, steps); solver.vorticity(x).
     """
 
@@ -852,18 +870,19 @@ class SphereShallowWater:
         if nlat < 4 or nlat % 2:
             raise ValueError(f"nlat={nlat}: need an even number >= 4")
         if not dt > 0 or hyperdiffusion < 0:
-            raise ValueError(f"dt={dt}, hyperdiffusion={hyperdiffusion}: need dt > 0, hyperdiffusion >= 0")
+            raise ValueError(f"dt={dt}, hyperdiffusion={hyperdiffusion}: "
+                             f"need dt > 0, hyperdiffusion >= 0")
         lmax = nlat - 1
         self.grid = SphereTransform(lmax, nlat, 2 * nlat, device=device)
         nlat_pad = (3 * nlat + 1) // 2
         self.pad = SphereTransform(lmax, nlat_pad, 2 * nlat_pad, device=device)
-        self.dt, self.nu, self.radius, self.gravity, self.mean_depth = dt, hyperdiffusion, radius, gravity, mean_depth
-        self.omega, self.device = omega, device
+        self.dt, self.nu, self.radius, self.omega = dt, hyperdiffusion, radius, omega
+        self.gravity, self.mean_depth, self.device = gravity, mean_depth, device
         lat_mu, lon = self.pad.mu[:, None], self.pad.lon[None, :]
-        self.coriolis = 2 * omega * (lat_mu * math.cos(coriolis_tilt)
-                                     - torch.cos(lon) * self.pad.cos_lat[:, None] * math.sin(coriolis_tilt))  # (nlat_pad, nlon_pad)
-        self.lap = self.grid.l * (self.grid.l + 1) / radius**2          # (L,) minus the Laplacian's eigenvalue
-        self.damp_uv = hyperdiffusion * (self.lap - 1 / radius**2) ** 2  # (L,) on curl and divergence
+        tilt = torch.cos(lon) * self.pad.cos_lat[:, None] * math.sin(coriolis_tilt)
+        self.coriolis = 2 * omega * (lat_mu * math.cos(coriolis_tilt) - tilt)  # padded (nlat, nlon)
+        self.lap = self.grid.l * (self.grid.l + 1) / radius**2  # (L,) minus Lap's eigenvalue
+        self.damp_uv = hyperdiffusion * (self.lap - 1 / radius**2) ** 2  # (L,) on curl, divergence
         self.damp_h = hyperdiffusion * self.lap**2                       # (L,) on h
         self.triangle = (self.grid.l[None, :] >= self.grid.m[:, None])   # (M, L) l >= m
 
@@ -874,13 +893,14 @@ class SphereShallowWater:
         inv_lap = sphere_inverse_laplacian(T.l, R)
         psi, chi = x[:, 0] * inv_lap, x[:, 1] * inv_lap                  # (B, M, L)
         im = 1j * T.m[:, None]
-        fP = T.legendre_inverse(torch.cat([x[:, 0], x[:, 2], im * chi, im * psi]), T.P)   # (4B, nlat, M)
-        fH = T.legendre_inverse(torch.cat([psi, chi]), T.H)                                # (2B, nlat, M)
-        fields = T.fourier_inverse(torch.cat([fP[: 2 * B], fP[2 * B: 3 * B] - fH[:B], fP[3 * B:] + fH[B:]]))
+        fP = T.legendre_inverse(torch.cat([x[:, 0], x[:, 2], im * chi, im * psi]), T.P)
+        fH = T.legendre_inverse(torch.cat([psi, chi]), T.H)  # (2B, nlat, M), fP (4B, nlat, M)
+        fields = T.fourier_inverse(torch.cat([fP[: 2 * B], fP[2 * B: 3 * B] - fH[:B],
+                                              fP[3 * B:] + fH[B:]]))
         zeta, h = fields[:B], fields[B: 2 * B]                            # (B, nlat, nlon)
-        u, v = fields[2 * B: 3 * B] / (R * T.cos_lat[:, None]), fields[3 * B:] / (R * T.cos_lat[:, None])
+        u, v = (fields[2 * B:] / (R * T.cos_lat[:, None])).chunk(2)
         q = zeta + self.coriolis                                          # absolute vorticity
-        fluxes = torch.cat([q * u, q * v, h * u, h * v]) / T.cos_lat[:, None]   # vector fields / cos(lat)
+        fluxes = torch.cat([q * u, q * v, h * u, h * v]) / T.cos_lat[:, None]  # vectors / cos(lat)
         F = T.fourier_forward(torch.cat([fluxes, 0.5 * (u * u + v * v)]))       # (5B, nlat, M)
         cP, cH = T.legendre_forward(F, T.P), T.legendre_forward(F[: 4 * B], T.H)
         div_q = (im * cP[:B] - cH[B: 2 * B]) / R                          # div((zeta + f) u)
@@ -899,21 +919,23 @@ class SphereShallowWater:
 
     def implicit_solve(self, y, a):
         """Solve (I - a Linear) x = y per degree: closed-form 2x2 for (divergence, height)."""
-        cu, ch, glap, Hd = 1 + a * self.damp_uv, 1 + a * self.damp_h, a * self.gravity * self.lap, a * self.mean_depth
+        cu, ch = 1 + a * self.damp_uv, 1 + a * self.damp_h
+        glap, Hd = a * self.gravity * self.lap, a * self.mean_depth
         det = cu * ch + glap * Hd
         div = (ch * y[:, 1] + glap * y[:, 2]) / det
         h = (cu * y[:, 2] - Hd * y[:, 1]) / det
         return torch.stack([y[:, 0] / cu, div, h], dim=1)
 
     def step(self, x):
-        """One IMEX RK222 step (explicit tableau [[0],[g],[d, 1-d]], implicit [[0],[0, g],[0, 1-g, g]])."""
+        """One IMEX RK222 step (explicit [[0],[g],[d, 1-d]], implicit [[0],[0, g],[0, 1-g, g]])."""
         gam = 1 - 1 / math.sqrt(2)
         dlt = 1 - 1 / (2 * gam)
         dt = self.dt
         F0 = self.tendency(x)
         x1 = self.implicit_solve(x + (gam * dt) * F0, gam * dt)
         F1 = self.tendency(x1)
-        return self.implicit_solve(x + dt * (dlt * F0 + (1 - dlt) * F1 + (1 - gam) * self.linear(x1)), gam * dt)
+        rhs = x + dt * (dlt * F0 + (1 - dlt) * F1 + (1 - gam) * self.linear(x1))
+        return self.implicit_solve(rhs, gam * dt)
 
     def advance(self, x, steps):
         for _ in range(steps):
@@ -930,7 +952,8 @@ class SphereShallowWater:
     def mass(self, x):
         """(B,) total mass per unit density int (H + h') dA, from the l = 0 coefficient (exact)."""
         R = self.radius
-        return 4 * math.pi * R**2 * self.mean_depth + 2 * math.sqrt(2) * math.pi * R**2 * x[:, 2, 0, 0].real
+        at_rest = 4 * math.pi * R**2 * self.mean_depth
+        return at_rest + 2 * math.sqrt(2) * math.pi * R**2 * x[:, 2, 0, 0].real
 
     def energy(self, x):
         """(B,) int [(H + h') |u|^2 / 2 + g h'^2 / 2] dA by Gauss quadrature on the padded grid."""
@@ -941,9 +964,9 @@ class SphereShallowWater:
         return (density.mean(-1) * T.weights).sum(-1) * 2 * math.pi * self.radius**2
 
     def balanced_height(self, vort, div):
-        """(B, M, L) h' that makes d(div)/dt = 0 for this flow, mean zero (Dedalus's balance LBVP)."""
+        """(B, M, L) h' with d(div)/dt = 0 for this flow, mean zero (Dedalus's balance LBVP)."""
         x = torch.stack([vort, div, torch.zeros_like(vort)], dim=1)
-        rhs = self.tendency(x)[:, 1]                     # curl((zeta+f)u) - Lap|u|^2/2 ; + g lap-part = 0
+        rhs = self.tendency(x)[:, 1]  # curl((zeta+f)u) - Lap|u|^2/2 ; + g lap-part = 0
         return rhs * sphere_inverse_laplacian(self.grid.l, self.radius) / self.gravity
 
 
@@ -973,60 +996,50 @@ def sphere_galewsky_state(solver, *, u_max=80.0, bump="dedalus", mirror=False, b
     vort, div = T.curl_div(u, torch.zeros_like(u), solver.radius)
     h = solver.balanced_height(vort, div)
     if bump is not None:
-        lon = T.lon if bump == "dedalus" else torch.remainder(T.lon + math.pi, 2 * math.pi) - math.pi
+        centred = torch.remainder(T.lon + math.pi, 2 * math.pi) - math.pi  # (-pi, pi]
+        lon = T.lon if bump == "dedalus" else centred
         alpha, beta, phi2 = 1 / 3, 1 / 15, math.pi / 4
-        shape = torch.exp(-((phi2 - lat) / beta) ** 2) + (torch.exp(-((phi2 + lat) / beta) ** 2) if mirror else 0.0)
-        bump_grid = bump_height * (torch.cos(lat) * shape)[:, None] * torch.exp(-((lon / alpha) ** 2))[None, :]
+        south = torch.exp(-((phi2 + lat) / beta) ** 2) if mirror else 0.0
+        shape = torch.exp(-((phi2 - lat) / beta) ** 2) + south
+        along_lon = torch.exp(-((lon / alpha) ** 2))
+        bump_grid = bump_height * (torch.cos(lat) * shape)[:, None] * along_lon[None, :]
         h = h + T.to_spec(bump_grid)
     return torch.stack([vort, div, h], dim=1) * solver.triangle
 
 
-def sphere_williamson2_state(solver, *, alpha=0.0, u0=None):
-    """Williamson et al. (1992) test case 2 (steady zonal geostrophic flow, axis tilted by alpha) ->
-    (1, 3, M, L). Needs solver.mean_depth = 2.94e4 / g and coriolis_tilt = alpha to be steady."""
-    T, R, om = solver.grid, solver.radius, solver.omega
-    u0 = 2 * math.pi * R / (12 * 86400) if u0 is None else u0
-    mu, cl, lon = T.mu[:, None], T.cos_lat[:, None], T.lon[None, :]
-    u = u0 * (cl * math.cos(alpha) + torch.cos(lon) * mu * math.sin(alpha))
-    v = -u0 * torch.sin(lon) * math.sin(alpha) * torch.ones_like(mu)
-    s = -torch.cos(lon) * cl * math.sin(alpha) + mu * math.cos(alpha)
-    h_grid = -(R * om * u0 + u0**2 / 2) * s**2 / solver.gravity
-    vort, div = T.curl_div(u[None], v[None], R)
-    return torch.stack([vort, div, T.to_spec(h_grid[None])], dim=1)
-
-
-# -- The DINo `shallow-water` dataset. Every trajectory is simulated on the paper's grid (256 x 128,
-# T127, dt = 600 s) unless sim_nlat asks for a cheaper one; the returned points are always points of
-# the 256 x 128 Gauss grid: size=128 all of them, size=64 every other latitude and longitude (starting
-# at the northernmost latitude and longitude 0), size=32 every fourth. A band-limited solution is
-# evaluated exactly there whatever grid it was computed on.
+# -- The DINo `shallow-water` dataset. Every trajectory is simulated on the paper's grid (256 x
+# 128, T127, dt = 600 s) unless sim_nlat asks for a cheaper one; the returned points are always
+# points of the 256 x 128 Gauss grid: size=128 all of them, size=64 every other latitude and
+# longitude (from the northernmost latitude and longitude 0), size=32 every fourth. A band-limited
+# solution is evaluated exactly there whatever grid it was computed on.
 
 def sphere_output_points(nlat, nlon=None):
     """mu = sin(lat) (nlat,) and lon (nlon,) of the points a size-nlat dataset returns."""
     nlon = 2 * nlat if nlon is None else nlon
     if nlon != 2 * nlat or nlat < 1 or SPHERE_DATA_NLAT % nlat:
-        raise ValueError(f"grid {nlon}x{nlat}: need nlon = 2 nlat and nlat dividing {SPHERE_DATA_NLAT} "
-                         f"(e.g. 128, 64, 32, 16)")
+        raise ValueError(f"grid {nlon}x{nlat}: need nlon = 2 nlat and nlat dividing "
+                         f"{SPHERE_DATA_NLAT} (e.g. 128, 64, 32, 16)")
     stride = SPHERE_DATA_NLAT // nlat
     mu = sphere_gauss_latitudes(SPHERE_DATA_NLAT)[0][::stride]
     return mu, np.arange(nlon) * (2 * np.pi / nlon)
 
 
 def sphere_coords(nlat, nlon=None):
-    """(nlat, nlon, 3) float32 xyz on the unit sphere of the points shallow_water_trajectories returns."""
+    """(nlat, nlon, 3) float32: xyz on the unit sphere of shallow_water_trajectories' points."""
     mu, lon = sphere_output_points(nlat, nlon)
     cl = np.sqrt(1 - mu**2)[:, None]
-    xyz = np.stack([cl * np.cos(lon)[None, :], cl * np.sin(lon)[None, :], np.broadcast_to(mu[:, None], (mu.size, lon.size))], -1)
+    z = np.broadcast_to(mu[:, None], (mu.size, lon.size))
+    xyz = np.stack([cl * np.cos(lon)[None, :], cl * np.sin(lon)[None, :], z], -1)
     return torch.tensor(xyz, dtype=torch.float32)
 
 
 def latitude_mask(nlat, nlon=None):
     """(nlat, nlon) bool training mask: at latitude lat keep about nlon cos(lat) equispaced
-    longitudes, so the kept points are about equally spaced in area (DINo thins towards the poles)."""
+    longitudes, so the kept points are about equally spaced in area (DINo thins near the poles)."""
     mu, lon = sphere_output_points(nlat, nlon)
     frac = np.sqrt(1 - mu**2)[:, None]                             # cos(lat), (nlat, 1)
     j = np.arange(lon.size)[None, :]
-    keep = np.floor((j + 0.5) * frac) > np.floor((j - 0.5) * frac)   # one point per 1/cos(lat) columns
+    keep = np.floor((j + 0.5) * frac) > np.floor((j - 0.5) * frac)  # a point per 1/cos(lat) columns
     return torch.tensor(keep | (j == 0))
 
 
@@ -1037,16 +1050,16 @@ def sphere_interpolate(frames, points):
     nlat = frames.shape[2]
     transform = SphereTransform(nlat - 1, nlat)
     points = points.cpu().double()
-    legendre = torch.from_numpy(sphere_legendre(nlat - 1, points[:, 2].numpy())[0])       # (M, L, Q)
+    legendre = torch.from_numpy(sphere_legendre(nlat - 1, points[:, 2].numpy())[0])  # (M, L, Q)
     m = torch.arange(nlat, dtype=torch.float64)
     phase = torch.exp(1j * m[:, None] * torch.atan2(points[:, 1], points[:, 0])[None, :])  # (M, Q)
     phase[1:] *= 2                       # a real field: m and -m together, m = 0 once
     out = []
-    for window in frames.cpu().double():                                                   # (T, nlat, nlon, S)
-        coef = transform.to_spec(window.movedim(-1, 1))                                    # (T, S, M, L)
-        along = torch.einsum("tsml,mlq->tsmq", coef, legendre.to(coef.dtype))             # (T, S, M, Q)
-        out.append((along * phase).sum(2).real.movedim(1, -1))                             # (T, Q, S)
-    return torch.stack(out).to(frames)                                                     # (B, T, Q, S)
+    for window in frames.cpu().double():                                    # (T, nlat, nlon, S)
+        coef = transform.to_spec(window.movedim(-1, 1))                     # (T, S, M, L)
+        along = torch.einsum("tsml,mlq->tsmq", coef, legendre.to(coef.dtype))  # (T, S, M, Q)
+        out.append((along * phase).sum(2).real.movedim(1, -1))              # (T, Q, S)
+    return torch.stack(out).to(frames)                                      # (B, T, Q, S)
 
 
 def sphere_random_points(n, seed):
@@ -1058,8 +1071,9 @@ def sphere_random_points(n, seed):
     return torch.stack([r * torch.cos(lon), r * torch.sin(lon), z], -1).float()          # (n, 3)
 
 
-def shallow_water_trajectories(split, indices, *, size=64, sim_nlat=SPHERE_DATA_NLAT, hours=(160, 320),
-                               hyperdiffusion=None, threads=None, device="cpu", verbose=True):
+def shallow_water_trajectories(split, indices, *, size=64, sim_nlat=SPHERE_DATA_NLAT,
+                               hours=(160, 320), hyperdiffusion=None, threads=None, device="cpu",
+                               verbose=True):
     """DINo's sphere data: Galewsky jets with u_max ~ U(60, 80) m/s, mirror jet and bump at 45 S
     (one-sided bump as the Dedalus example), 1-hour frames.
 
@@ -1071,8 +1085,8 @@ def shallow_water_trajectories(split, indices, *, size=64, sim_nlat=SPHERE_DATA_
     (Dedalus's nu: e-folding 26 min at l = 127, 4 days at l = 32; scaling nu up for coarse grids
     would damp the jet itself).
     All trajectories advance together in one batch. threads: torch CPU threads during the run
-    (None: leave torch's setting); on a busy machine 1 thread per process is much faster than 2
-    (measured; figures in the README), so split big builds over processes.
+    (None: leave torch's setting); on a busy 2-core machine one thread per process was much faster
+    than two, so split big builds over processes.
     """
     if sim_nlat < 8 or sim_nlat % 2:
         raise ValueError(f"sim_nlat={sim_nlat}: need an even number >= 8")
@@ -1086,43 +1100,49 @@ def shallow_water_trajectories(split, indices, *, size=64, sim_nlat=SPHERE_DATA_
     u_max = [float(np.random.default_rng(seed).uniform(60.0, 80.0)) for seed in seeds]
     steps_per_hour = math.ceil(6 * sim_nlat / SPHERE_DATA_NLAT)
     nu = SPHERE_HYPERDIFFUSION if hyperdiffusion is None else hyperdiffusion
-    solver = SphereShallowWater(sim_nlat, dt=3600.0 / steps_per_hour, hyperdiffusion=nu, device=device)
-    nlon_eval = 2 * max(SPHERE_DATA_NLAT, sim_nlat)          # evaluate on the full longitudes, then thin
+    solver = SphereShallowWater(sim_nlat, dt=3600.0 / steps_per_hour, hyperdiffusion=nu,
+                                device=device)
+    nlon_eval = 2 * max(SPHERE_DATA_NLAT, sim_nlat)  # evaluate on the full longitudes, then thin
     out_grid = SphereTransform(sim_nlat - 1, mu_out.size, nlon_eval, mu=mu_out, device=device)
     stride = nlon_eval // (2 * size)
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _sphere_run_frames(solver, out_grid, stride=stride, u_max=u_max, split=split, size=size,
-                                  hours=hours, steps_per_hour=steps_per_hour, verbose=verbose)
+        return _sphere_run_frames(solver, out_grid, stride=stride, u_max=u_max, split=split,
+                                  size=size, hours=hours, steps_per_hour=steps_per_hour,
+                                  verbose=verbose)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _sphere_run_frames(solver, out_grid, *, stride, u_max, split, size, hours, steps_per_hour, verbose):
+def _sphere_run_frames(solver, out_grid, *, stride, u_max, split, size, hours, steps_per_hour,
+                       verbose):
     """The time loop of shallow_water_trajectories: (B, T, size, 2 size, 2) float32 frames."""
     device = solver.device
     x = sphere_galewsky_state(solver, u_max=u_max, bump="dedalus", mirror=True)
     frames = torch.empty(len(u_max), hours[1] - hours[0], size, 2 * size, 2, device=device)
     start = time.perf_counter()
     for hour in range(hours[1]):
-        if hour >= hours[0]:
-            fields = out_grid.to_grid(torch.stack([x[:, 2], x[:, 0]], dim=1))[..., ::stride]   # (B, 2, H, W)
-            scale = torch.tensor([SPHERE_HEIGHT_SCALE, SPHERE_VORT_SCALE], dtype=fields.dtype, device=device)
+        if hour >= hours[0]:  # (B, 2, H, W) fields, scaled to the dataset's units
+            fields = out_grid.to_grid(torch.stack([x[:, 2], x[:, 0]], dim=1))[..., ::stride]
+            scale = torch.tensor([SPHERE_HEIGHT_SCALE, SPHERE_VORT_SCALE], dtype=fields.dtype,
+                                 device=device)
             frames[:, hour - hours[0]] = (fields * scale[:, None, None]).permute(0, 2, 3, 1).float()
-        if hour + 1 < hours[1]:                               # the last frame needs no step after it
+        if hour + 1 < hours[1]:  # the last frame needs no step after it
             x = solver.advance(x, steps_per_hour)
         if verbose and ((hour + 1) % 40 == 0 or hour + 1 == hours[1]):
-            elapsed = time.perf_counter() - start
-            print(f"  shallow-water {split} x{len(u_max)} at {2 * solver.grid.nlat}x{solver.grid.nlat}: hour {hour + 1}/{hours[1]}, "
-                  f"{elapsed:.0f} s, ETA {elapsed / (hour + 1) * (hours[1] - hour - 1):.0f} s", flush=True)
+            elapsed, nlat = time.perf_counter() - start, solver.grid.nlat
+            eta = elapsed / (hour + 1) * (hours[1] - hour - 1)
+            print(f"  shallow-water {split} x{len(u_max)} at {2 * nlat}x{nlat}: "
+                  f"hour {hour + 1}/{hours[1]}, {elapsed:.0f} s, ETA {eta:.0f} s", flush=True)
     if not torch.isfinite(frames).all():
-        raise RuntimeError("shallow-water simulation blew up (non-finite values); reduce the time step")
+        raise RuntimeError("shallow-water simulation blew up (non-finite values); "
+                           "reduce the time step")
     return frames.cpu()
 
 
-# ---------------------------------------------------------------------------- files and devices
+# ---------------------------------------------------------------- files and devices
 # Every file the project writes (data cache, checkpoints, metrics, pictures) goes through
 # write_atomic: written under a temporary name in the same folder, then renamed, so a crash, a
 # full disk or a kill never leaves a partial file under the real name.
@@ -1136,13 +1156,15 @@ def check_writable(folder, *, name="--out"):
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        raise ValueError(f"{name} {folder!r} cannot be created: {existing!r} is a file, not a folder")
+        raise ValueError(f"{name} {folder!r} cannot be created: "
+                         f"{existing!r} is a file, not a folder")
     try:
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".probe-")
         os.close(fd)
         os.remove(probe)
     except OSError as err:
-        raise ValueError(f"{name} {folder!r} is not writable ({err.strerror} in {existing!r})") from None
+        raise ValueError(f"{name} {folder!r} is not writable "
+                         f"({err.strerror} in {existing!r})") from None
 
 
 def remove_stale_temporaries(folder):
@@ -1192,10 +1214,10 @@ def load_torch(path, *, kind):
         with open(path, "rb") as f:
             zipped = f.read(4) == b"PK\x03\x04"                  # torch.save writes a zip archive
         if zipped and "Weights only load failed" in str(err):
-            raise ValueError(f"{path!r} holds objects other than tensors and plain values: refused, "
-                             f"loading it could run code") from None
-        raise ValueError(f"{path!r} is " + ("damaged: truncated or corrupted" if zipped else f"not {kind}")
-                         + f" ({type(err).__name__})") from None
+            raise ValueError(f"{path!r} holds objects other than tensors and plain values: "
+                             f"refused, loading it could run code") from None
+        what = "damaged: truncated or corrupted" if zipped else f"not {kind}"
+        raise ValueError(f"{path!r} is {what} ({type(err).__name__})") from None
 
 
 def save_torch(path, obj):
@@ -1219,12 +1241,13 @@ def resolve_device(name):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device; allowed: auto, cpu, cuda, cuda:N") from None
+        raise ValueError(f"--device {name!r} is not a device; "
+                         f"allowed: auto, cpu, cuda, cuda:N") from None
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name!r} is not supported; allowed: auto, cpu, cuda, cuda:N")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name!r}: no such CUDA device here ({torch.cuda.device_count()} found); "
-                         f"allowed: auto, cpu")
+        raise ValueError(f"--device {name!r}: no such CUDA device here "
+                         f"({torch.cuda.device_count()} found); allowed: auto, cpu")
     return str(device)
 
 
@@ -1233,99 +1256,18 @@ def physical_memory():
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-# ---------------------------------------------------------------------------- benchmarks
-# Out of the reader's path: nothing above uses this section (python solvers.py --bench).
-def _ns_cn_euler_reference(w0, t, *, viscosity=1e-3, forcing=None, dt=1e-3):
-    """The official data's scheme, for benchmarks only: Crank-Nicolson viscosity + explicit Euler
-    advection and forcing, fixed dt (first order). Same spatial discretisation as ours."""
-    b, nx, ny = w0.shape
-    ops = spectral_ops(nx, ny, dtype=w0.dtype, device=w0.device)
-    f_h = 0.0 if forcing is None else torch.fft.rfft2(forcing)
-    visc = viscosity * ops.lap
-    w_h, now, frames = torch.fft.rfft2(w0), 0.0, []
-    for target in torch.as_tensor(t, dtype=torch.float64).tolist():
-        n_steps = round((target - now) / dt)
-        for _ in range(n_steps):
-            adv_h = ns_advection(w_h, ops)
-            w_h = ((1 - 0.5 * dt * visc) * w_h + dt * (adv_h + f_h)) / (1 + 0.5 * dt * visc)
-        now = target
-        frames.append(torch.fft.irfft2(w_h, s=(nx, ny)))
-    return torch.stack(frames, dim=1).unsqueeze(-1)
-
-
-def bench_navier_stokes(*, batch=8, span=2.0, dtype=torch.float64):
-    """Ours (IF-RK4, Courant-bounded step) vs the official scheme (CN + Euler, dt 1e-3) on the same
-    batch of spun-up flows over the same span; errors against IF-RK4 at dt 2.5e-3 (Courant ~0.1).
-    Returns a dict of seconds and relative L2 errors (worst trajectory). Runs single-threaded,
-    both schemes alike (see in_batches: threads only slow these small transforms down)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _bench_navier_stokes(batch=batch, span=span, dtype=dtype)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _bench_navier_stokes(*, batch, span, dtype):
-    forcing = ns_forcing(64, dtype=dtype)
-    w0 = sample_grf(64, range(batch), dtype=dtype)
-    w0 = solve_navier_stokes(w0, [30.0], forcing=forcing)[:, 0, ..., 0]  # spun up (B, H, W)
-
-    def timed(fn):
-        start = time.perf_counter()
-        out = fn()[:, -1]
-        return out, time.perf_counter() - start
-
-    ours, t_ours = timed(lambda: solve_navier_stokes(w0, [span], forcing=forcing))
-    official, t_official = timed(lambda: _ns_cn_euler_reference(w0, [span], forcing=forcing, dt=1e-3))
-    fine, t_fine = timed(lambda: solve_navier_stokes(w0, [span], forcing=forcing, dt=2.5e-3))
-
-    def err(x):
-        return ((x - fine).flatten(1).norm(dim=1) / fine.flatten(1).norm(dim=1)).max().item()
-    return dict(ours_s=t_ours, official_s=t_official, speedup=t_official / t_ours,
-                ours_err=err(ours), official_err=err(official), fine_s=t_fine)
-
-
-def bench(repeats=3):
-    """Print the figures of the closing note: median seconds of repeated runs, in one process."""
-    import statistics
-
-    def median_time(fn):
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-    heat = median_time(lambda: (make_heat("train", range(256), 64), make_heat("test", range(16), 64)))
-    print(f"heat: whole set (272 trajectories, 40 frames, 64x64) built in {heat:.2f} s "
-          f"(median of {repeats})", flush=True)
-    wave = median_time(lambda: (make_wave("train", range(64), 64), make_wave("test", range(4), 64)))
-    print(f"wave: whole set (68 trajectories, 160 frames, 64x64, 2 channels) built in {wave:.2f} s "
-          f"(median of {repeats})", flush=True)
-    runs = [bench_navier_stokes() for _ in range(repeats)]
-    med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-    print(f"navier-stokes, 8 spun-up flows, 2 time units, float64: ours {med['ours_s']:.2f} s, "
-          f"CN + Euler dt 1e-3 {med['official_s']:.2f} s, speed-up {med['speedup']:.1f}x (median of "
-          f"{repeats}); rel L2 error vs fine step: ours {med['ours_err']:.1e}, "
-          f"CN + Euler {med['official_err']:.1e}")
-
-
-# ---------------------------------------------------------------------------- command line
+# ---------------------------------------------------------------- command line
 def main():
-    parser = argparse.ArgumentParser(description="Build (or load) a DINo dataset, or run --bench.")
+    parser = argparse.ArgumentParser(description="Build (or load) a DINo dataset.")
     parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")  # one line
-    parser.add_argument("pde", nargs="?", choices=[p for p in PDES if p in SPECS])
+    parser.add_argument("pde", nargs="?", choices=PDES)
     parser.add_argument("--split", default="train")
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--n-trajectories", type=int, default=None)
     parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--bench", action="store_true", help="speed and accuracy vs the references")
     args = parser.parse_args()
-    if args.bench:
-        return bench()
     if args.pde is None:
-        parser.error("give a pde or --bench")
+        parser.error("give a pde")
     try:
         start = time.time()
         data = load_dataset(args.pde, args.split, size=args.size, data_dir=args.data_dir,
