@@ -315,7 +315,7 @@ class DINo(nn.Module):
 
     def map_coords(self, coords):
         """Physical positions (..., X) -> decoder inputs (the affine map above)."""
-        return (self._like(coords) + self.coord_shift) * self.coord_scale
+        return (self._like(coords) + self._like(self.coord_shift)) * self._like(self.coord_scale)
 
     def fit_codes(self, coords, values, *, check=True):
         """alpha_0 (B, S, D) of observations values (B, N, S) at coords (N, X): a FitResult."""

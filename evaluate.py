@@ -16,6 +16,7 @@ Usage:
     python evaluate.py runs/shallow-water-quick --resolution 64   # sphere: 2x super-resolution
     python evaluate.py runs/heat-quick --points 2048      # free-form points anywhere in the domain
     python evaluate.py runs/heat-quick --fit adam         # alpha_0 by Adam, not the closed form
+    python evaluate.py runs/heat-quick --time-factor 4    # also 3 times between each two frames
 Files land in RUN/eval[-conditions]/ (or --out): metrics.json and the table first, then pictures.
 
 For your own data, DINo in one call: `model = load_model(run)`, then
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import pathlib
+from dataclasses import replace
 
 import matplotlib
 import numpy as np
@@ -75,8 +77,19 @@ def format_table(table):
 # ---- the evaluation
 
 
-def n_trajectories(cfg, split):
-    return cfg.n_test if split == "test" else cfg.n_train
+def load_split(cfg, split, *, size, data_dir, device, time_factor=1):
+    """A split's windows: 'test', 'train' (the run's), or 'val': the training-split trajectories
+    the run did not train on (after its n_train, up to the paper's count): choose settings there."""
+    n = {"test": cfg.n_test, "train": cfg.n_train}.get(split, SPECS[cfg.pde].trajectories["train"])
+    if split == "val" and n <= cfg.n_train:
+        raise ValueError(f"--split val: the run trained on all {n} training trajectories of "
+                         f"{cfg.pde}; train with --n-train below {n} to keep some for validation")
+    data = load_dataset(cfg.pde, "train" if split == "val" else split, size=size, device=device,
+                        data_dir=data_dir, n_trajectories=n, time_factor=time_factor)
+    if split != "val":
+        return data
+    new = slice(cfg.n_train * SPECS[cfg.pde].windows, None)      # the windows never trained on
+    return replace(data, split="val", frames=data.frames[new], trajectory=data.trajectory[new])
 
 
 def observed_points(state, cfg, data, *, rate, seed, resolution, data_dir):
@@ -86,8 +99,7 @@ def observed_points(state, cfg, data, *, rate, seed, resolution, data_dir):
         # super-resolution (paper Sec. 5): observe the training grid, decode the finer one. Both
         # grids cut one simulation grid (solvers.py): the training grid is every k-th point.
         k = resolution // cfg.size
-        coarse = load_dataset(cfg.pde, data.split, size=cfg.size, data_dir=data_dir, device=device,
-                              verbose=False, n_trajectories=n_trajectories(cfg, data.split))
+        coarse = load_split(cfg, data.split, size=cfg.size, data_dir=data_dir, device=device)
         observed = torch.zeros(data.coords.shape[:2], dtype=torch.bool, device=device)  # (H, W)
         observed[::k, ::k] = observation_mask(coarse, rate, seed)
         how = f"the {cfg.size}-latitude training grid inside the {resolution}-latitude grid"
@@ -108,10 +120,11 @@ def check_memory(n_values, what, device):
                          f"{total / 2**30:.0f} GiB here; ask for less")
 
 
-def check_sizes(cfg, *, split, resolution, points, device):
+def check_sizes(cfg, *, split, resolution, points, device, time_factor):
     """ValueError when the forecast at `resolution`, or at `points` free points, would not fit."""
     spec = SPECS[cfg.pde]
-    per_point = n_trajectories(cfg, split) * spec.windows * spec.window * len(spec.channels)
+    n = {"test": cfg.n_test, "train": cfg.n_train}.get(split, spec.trajectories["train"])
+    per_point = n * spec.windows * spec.window * time_factor * len(spec.channels)
     check_memory(per_point * resolution ** 2 * spec.width_ratio, f"--resolution {resolution}",
                  device)
     if points is not None:
@@ -121,8 +134,8 @@ def check_sizes(cfg, *, split, resolution, points, device):
 
 
 def evaluate(path, *, device="cpu", split="test", subsampling=None, mask_seed=None,
-             resolution=None, points=None, fit=None, fit_steps=None, out=None, data_dir="data",
-             pictures=True, log=print):
+             resolution=None, points=None, fit=None, fit_steps=None, time_factor=1, out=None,
+             data_dir="data", pictures=True, log=print):
     """Forecast every window of a split (test by default) from its frame 0 and score it:
     metrics.json and the table first, then the pictures (GIFs, PNG) in `out`. Returns the metrics
     dict (its "files" lists what was written)."""
@@ -134,13 +147,19 @@ def evaluate(path, *, device="cpu", split="test", subsampling=None, mask_seed=No
     rate = cfg.subsampling if subsampling is None else subsampling
     seed = cfg.mask_seed if mask_seed is None else mask_seed
     resolution = cfg.size if resolution is None else resolution
-    check_sizes(cfg, split=split, resolution=resolution, points=points, device=device)
+    asked = [flag for flag, on in (("--resolution", resolution != cfg.size), ("--time-factor",
+             time_factor > 1), ("--points", points is not None)) if on]
+    if SPECS[cfg.pde].arrays is not None and asked:
+        raise ValueError(f"{', '.join(asked)}: {cfg.pde} holds data only, no solver to give "
+                         f"other grids, times or points")
+    check_sizes(cfg, split=split, resolution=resolution, points=points, device=device,
+                time_factor=time_factor)
     out = out or default_out(path, cfg, split=split, rate=subsampling, seed=mask_seed,
-                             res=resolution, points=points)
+                             res=resolution, points=points, time_factor=time_factor)
     check_writable(out)
     data, observed, how, codes, pred = forecast_split(
         state, model, cfg, split=split, resolution=resolution, rate=rate, seed=seed,
-        data_dir=data_dir, device=device)
+        data_dir=data_dir, device=device, time_factor=time_factor)
     truth = data.frames.flatten(2, 3)                                     # (B, T, N, S)
     grid = "x".join(str(n) for n in reversed(data.coords.shape[:2]))     # W x H (sphere: lon x lat)
     fitted = (f"closed form, ridge {model.ridge.item():.0e}" if model.fit == "closed-form"
@@ -151,6 +170,8 @@ def evaluate(path, *, device="cpu", split="test", subsampling=None, mask_seed=No
                "n_in_t": data.n_in_t, "observed": how,
                "observed_fraction": observed.float().mean().item(), "fit": fitted,
                **score(pred, truth, observed, data.n_in_t), "t": data.t.tolist()}
+    if time_factor > 1:
+        metrics["between_frames"] = between_frames(pred, truth, data.n_in_t, time_factor)
     if points is not None:
         metrics["points"] = free_form(model, cfg, codes, split=split, resolution=resolution,
                                       n_points=points, seed=seed, n_in=data.n_in_t,
@@ -158,7 +179,7 @@ def evaluate(path, *, device="cpu", split="test", subsampling=None, mask_seed=No
     text = json.dumps(metrics, indent=1)
     write_atomic(os.path.join(out, "metrics.json"), lambda tmp: pathlib.Path(tmp).write_text(text))
     report(metrics, log)
-    drawn = draw(out, cfg, data, pred, observed=observed) if pictures else []
+    drawn = draw(out, cfg, data, pred, observed=observed, every=time_factor) if pictures else []
     metrics["files"] = ["metrics.json"] + drawn
     log(f"wrote {', '.join(os.path.join(out, f) for f in metrics['files'])}")
     return metrics
@@ -173,17 +194,23 @@ def report(metrics, log):
     persistence = m["persistence"]["mse"]
     log(format_table(m) + "\npersistence (frame 0 held), MSE In-t / Out-t: "
         f"{persistence['in_t']['all']:.3e} / {persistence['out_t']['all']:.3e}")
+    if "between_frames" in m:
+        b = m["between_frames"]
+        log(f"between the frames (time factor {b['time_factor']}), MSE at the frame times / "
+            f"between them: In-t {b['in_t']['frames']:.3e} / {b['in_t']['between']:.3e}, Out-t "
+            f"{b['out_t']['frames']:.3e} / {b['out_t']['between']:.3e}")
     if "points" in m:
         p = m["points"]
         log(f"free-form: {p['n']} random points ({p['truth']}): relative MSE "
             f"In-t {p['rel_mse']['in_t']:.3e}, Out-t {p['rel_mse']['out_t']:.3e}")
 
 
-def forecast_split(state, model, cfg, *, split, resolution, rate, seed, data_dir, device):
+def forecast_split(state, model, cfg, *, split, resolution, rate, seed, data_dir, device,
+                   time_factor=1):
     """Forecast every window of a split from its frame 0, observed on the chosen points:
     (data, observed (N,), its description, codes (B, T, S, D), forecast (B, T, N, S))."""
-    data = load_dataset(cfg.pde, split, size=resolution, data_dir=data_dir,
-                        n_trajectories=n_trajectories(cfg, split), device=device)
+    data = load_split(cfg, split, size=resolution, data_dir=data_dir, device=device,
+                      time_factor=time_factor)
     observed, how = observed_points(state, cfg, data, rate=rate, seed=seed,
                                     resolution=resolution, data_dir=data_dir)
     truth = data.frames.flatten(2, 3)                                     # (B, T, N, S)
@@ -202,6 +229,18 @@ def score(pred, truth, observed, n_in_t):
             "rel_mse_vs_time": [relative_mse(pred[:, k], truth[:, k]) for k in frames]}
 
 
+def between_frames(pred, truth, n_in_t, k):
+    """MSE at the frame times (every k-th time: what the model was trained on) and at the times
+    between them, In-t and Out-t. pred, truth (B, T, N, S) at k times the frame rate."""
+    err = (pred - truth).pow(2).mean(dim=(0, 2, 3))                       # (T,)
+    index = torch.arange(len(err), device=err.device)
+    on_frame, inside = index % k == 0, index < n_in_t
+    cells = {name: {"frames": err[part & on_frame].mean().item(),
+                    "between": err[part & ~on_frame].mean().item()}
+             for name, part in (("in_t", inside), ("out_t", ~inside))}
+    return {"time_factor": k, **cells}
+
+
 def free_form(model, cfg, codes, *, split, resolution, n_points, seed, n_in, data_dir, device):
     """Forecast at random points anywhere in the domain (codes fitted on the grid as usual). The
     truth there: the spectral interpolant of the same test fields on a grid of at least 64 points
@@ -209,8 +248,7 @@ def free_form(model, cfg, codes, *, split, resolution, n_points, seed, n_in, dat
     fields) or, on the sphere, the spherical-harmonic series of the simulation grid's fields."""
     spec = SPECS[cfg.pde]
     size = spec.cut_from or max(64, resolution)
-    fine = load_dataset(cfg.pde, split, size=size, data_dir=data_dir,
-                        n_trajectories=n_trajectories(cfg, split), device=device)
+    fine = load_split(cfg, split, size=size, data_dir=data_dir, device=device)
     if spec.boundary == "sphere":
         query = solvers.sphere_random_points(n_points, seed).to(device)  # (Q, 3)
         truth = solvers.sphere_interpolate(fine.frames, query)            # (B, T, Q, S)
@@ -346,15 +384,16 @@ def time_line(fig, t, n_in_t):
     return line.axvline(t[0], color="black", lw=2)
 
 
-def save_error_plot(path, t, curves, *, n_in_t, title):
-    """MSE per frame (curves: label -> (T,) values) with In-t / Out-t shaded."""
+def save_error_plot(path, t, curves, *, n_in_t, title, every=1):
+    """MSE per time (curves: label -> (T,) values) with In-t / Out-t shaded; a marker at every
+    `every`-th time (the frame times when times between them are forecast too)."""
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     half = (t[1] - t[0]) / 2 if len(t) > 1 else 0.5                   # half a frame step
     horizon = t[n_in_t - 1] + half
     ax.axvspan(t[0] - half, horizon, color="tab:green", alpha=0.12, label="In-t (training horizon)")
     ax.axvspan(horizon, t[-1] + half, color="tab:red", alpha=0.10, label="Out-t (extrapolation)")
     for label, values in curves.items():
-        ax.plot(t, values, marker="o", markersize=3, label=label)
+        ax.plot(t, values, marker="o", markersize=3, markevery=every, label=label)
     ax.set(yscale="log", xlabel="t", ylabel="MSE")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
@@ -365,7 +404,7 @@ def save_error_plot(path, t, curves, *, n_in_t, title):
         plt.close(fig)
 
 
-def draw(out, cfg, data, pred, *, observed):
+def draw(out, cfg, data, pred, *, observed, every=1):
     """One GIF per state channel (a few windows) and the MSE-vs-time PNG; returns file names."""
     B, T, H, W, S = data.frames.shape
     shown = min(B, 4 if H == W else 2)                    # the sphere's panels are 2:1
@@ -381,18 +420,20 @@ def draw(out, cfg, data, pred, *, observed):
     if not observed.all():
         curves["observed (In-s)"] = err[:, observed].mean(1).cpu().numpy()
         curves["unobserved (Out-s)"] = err[:, ~observed].mean(1).cpu().numpy()
+    marked = " (dots: frame times)" if every > 1 else ""
     save_error_plot(os.path.join(out, "mse_vs_time.png"), t, curves, n_in_t=data.n_in_t,
-                    title=f"{cfg.pde}: {data.split} MSE per frame ({B} windows)")
+                    title=f"{cfg.pde}: {data.split} MSE per time ({B} windows){marked}",
+                    every=every)
     return files + ["mse_vs_time.png"]
 
 
-def default_out(path, cfg, *, split, rate, seed, res, points):
+def default_out(path, cfg, *, split, rate, seed, res, points, time_factor):
     run = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     name = os.path.splitext(os.path.basename(path))[0]
     tags = [] if os.path.isdir(path) or name == "best" else [name]
-    tags += ["train"] if split == "train" else []
+    tags += [split] if split != "test" else []
     conditions = (("res", res if res != cfg.size else None), ("s", rate), ("seed", seed),
-                  ("points", points))
+                  ("points", points), ("tf", time_factor if time_factor > 1 else None))
     for flag, value in conditions:
         if value is not None:
             tags.append(f"{flag}{value:g}")
@@ -411,8 +452,9 @@ def parser():
     add = p.add_argument
     add("run", nargs="+",
         help="run folder (its best.pt) or a checkpoint of train.py (several: --figures only)")
-    add("--split", choices=("test", "train"), default="test",
-        help="forecast the test (default) or training windows")
+    add("--split", choices=("test", "train", "val"), default="test",
+        help="forecast the test (default) or training windows, or 'val': training trajectories "
+             "the run left out (--n-train)")
     add("--subsampling", type=float, metavar="RATE",
         help="observe this fraction of the grid (default: the run's)")
     add("--mask-seed", type=int, help="seed of the observation mask: a new grid (paper Table 3)")
@@ -422,6 +464,8 @@ def parser():
         help="also forecast at N random points anywhere in the domain")
     add("--fit", choices=FITS, help="how alpha_0 is fitted (default: the run's, closed-form)")
     add("--fit-steps", type=int, help="Adam steps with --fit adam (default: the run's)")
+    add("--time-factor", type=int, metavar="K", default=1, help="forecast K times per frame "
+        "interval and score the times between frames too (planar PDEs; default 1)")
     add("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
     add("--data-dir", default="data", help="dataset cache folder (default: data)")
     add("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
@@ -433,7 +477,8 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    for name, low in (("resolution", 4), ("points", 1), ("fit_steps", 0), ("threads", 1)):
+    for name, low in (("resolution", 4), ("points", 1), ("fit_steps", 0), ("threads", 1),
+                      ("time_factor", 1)):
         value = getattr(args, name)
         if value is not None and value < low:
             parser().error(f"--{name.replace('_', '-')} {value} must be at least {low}")
@@ -449,7 +494,8 @@ def main(argv=None):
             return figures(args.figures, args.run, device=device, data_dir=args.data_dir)
         return evaluate(args.run[0], device=device, split=args.split, subsampling=args.subsampling,
                         mask_seed=args.mask_seed, resolution=args.resolution, points=args.points,
-                        fit=args.fit, fit_steps=args.fit_steps, out=args.out,
+                        fit=args.fit, fit_steps=args.fit_steps, time_factor=args.time_factor,
+                        out=args.out,
                         data_dir=args.data_dir, pictures=not args.no_pictures)
     except (ValueError, OSError) as err:
         parser().error(str(err))

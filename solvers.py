@@ -103,6 +103,7 @@ class PDESpec:
     width_ratio: int = 1     # points along W per point along H (sphere: 2 longitudes per latitude)
     cut_from: int | None = None  # if set: other sizes' sets are every k-th point of this size's set
     most: dict | None = None     # split -> largest count allowed, where it exceeds the paper's
+    arrays: dict | None = None   # your own data (register_file): split -> trajectories, and "t"
 
 
 # The sphere's simulation settings that its SPECS entry records (and so its cache key holds); the
@@ -152,7 +153,7 @@ CACHE_VERSION = 1  # bump when a generator changes in a way the settings do not 
 
 
 def load_dataset(pde, split, *, size=None, data_dir="data", n_trajectories=None, device="cpu",
-                 verbose=True):
+                 verbose=True, time_factor=1):
     """The paper's dataset for `pde` and `split` as a PDEData (see the dataclass for shapes).
 
     size: grid points along H (None = the paper's 64); n_trajectories: None = the paper's count,
@@ -160,19 +161,26 @@ def load_dataset(pde, split, *, size=None, data_dir="data", n_trajectories=None,
     data_dir under a name holding a hash of every setting, with a checksum of the data; a cached
     file that is unreadable, stale or corrupted is reported in one line and regenerated. A set is
     built on `device` (a GPU builds in seconds what a CPU thread builds in minutes; the results
-    differ by rounding only, so the cache does not record where). Errors:
+    differ by rounding only, so the cache does not record where). time_factor K > 1 (planar
+    sets): the same windows with K - 1 more frames between each two, from the same simulations
+    (heat and wave exact in time), so K (window - 1) + 1 frames per window. Errors:
     ValueError for bad arguments or a data_dir that cannot hold the cache (checked before any
     work), OSError when writing the cache fails (nothing is left behind).
     """
-    spec, size, n = _resolve(pde, split, size, n_trajectories)
+    spec, size, n = _resolve(pde, split, size, n_trajectories, time_factor)
+    if spec.arrays is not None:              # a file of the user's: nothing to simulate or cache
+        return _file_windows(pde, split, spec, n, device)
     settings = dict(pde=pde, split=split, size=size, n_trajectories=n, version=CACHE_VERSION,
                     spacing=spec.spacing, window=spec.window, windows=spec.windows,
                     channels=len(spec.channels), **spec.settings)
+    if time_factor > 1:
+        settings["time_factor"] = time_factor
     settings = json.loads(json.dumps(settings))  # canonical form (tuples -> lists) for comparison
     path = _cache_path(data_dir, pde=pde, split=split, size=size, n=n, settings=settings)
     payload = None
     if os.path.exists(path):
-        expected_shape = (n * spec.windows, spec.window, len(spec.channels))
+        span = time_factor * (spec.window - 1) + 1                         # frames per window
+        expected_shape = (n * spec.windows, span, len(spec.channels))
         payload, problem = _read_cache(path, settings, expected_shape)
         if problem:
             print(f"cache {path} is {problem}; regenerating it", flush=True)
@@ -184,7 +192,7 @@ def load_dataset(pde, split, *, size=None, data_dir="data", n_trajectories=None,
             print(f"generating {pde} {split}: {n} trajectories on a {grid} grid -> {path}",
                   flush=True)
         payload = _build(pde, split, size=size, n=n, spec=spec, data_dir=data_dir, verbose=verbose,
-                         device=device)
+                         device=device, time_factor=time_factor)
         payload["settings"], payload["checksum"] = settings, _checksum(payload)
         save_torch(path, payload)
         if verbose:
@@ -194,10 +202,11 @@ def load_dataset(pde, split, *, size=None, data_dir="data", n_trajectories=None,
     return PDEData(pde=pde, split=split, frames=payload["frames"].to(device),
                    coords=payload["coords"].to(device), t=payload["t"].to(device),
                    trajectory=payload["trajectory"].to(device),
-                   mask=None if mask is None else mask.to(device), n_in_t=spec.n_in_t)
+                   mask=None if mask is None else mask.to(device),
+                   n_in_t=time_factor * (spec.n_in_t - 1) + 1)
 
 
-def _resolve(pde, split, size, n_trajectories):
+def _resolve(pde, split, size, n_trajectories, time_factor=1):
     """(spec, size, n) for load_dataset: defaults filled in, every argument checked (ValueError)."""
     if pde not in SPECS:
         raise ValueError(f"unknown pde {pde!r}; allowed: {', '.join(PDES)}")
@@ -215,13 +224,20 @@ def _resolve(pde, split, size, n_trajectories):
         allowed = [s for s in range(4, spec.cut_from + 1) if spec.cut_from % s == 0]
         raise ValueError(f"size {size} is not allowed for {pde}: it must divide the simulation "
                          f"grid {spec.cut_from} (allowed: {', '.join(map(str, allowed))})")
+    if isinstance(time_factor, bool) or not isinstance(time_factor, int) or time_factor < 1:
+        raise ValueError(f"time_factor must be a whole number >= 1, got {time_factor!r}")
+    if time_factor > 1 and spec.boundary not in ("cosine", "periodic"):
+        raise ValueError(f"time_factor {time_factor}: {pde}'s frames are all there is (hourly "
+                         f"solver output, or a file); only the planar solvers' sets allow > 1")
+    if spec.arrays is not None and size != spec.sizes[split]:
+        raise ValueError(f"size {size}: {pde} holds its frames on one grid, {spec.sizes[split]}")
     n = spec.trajectories[split] if n_trajectories is None else int(n_trajectories)
     most = (spec.most or spec.trajectories)[split]
     if not 1 <= n <= most:
         raise ValueError(f"n_trajectories must be in 1..{most} for {pde} {split}, "
                          f"got {n_trajectories}")
     # float32 frames, held about three times while a set is built, resampled and serialised
-    need = (3 * 4 * n * spec.windows * spec.window * size * size * spec.width_ratio
+    need = (3 * 4 * n * spec.windows * spec.window * time_factor * size * size * spec.width_ratio
             * len(spec.channels))
     if need > physical_memory():
         raise ValueError(f"a {pde} {split} set of {n} trajectories at size {size} needs about "
@@ -261,23 +277,101 @@ def _read_cache(path, settings, expected_shape):
     return payload, None
 
 
-def _build(pde, split, *, size, n, spec, data_dir, verbose, device):
+def _build(pde, split, *, size, n, spec, data_dir, verbose, device, time_factor):
     """The payload of a new cache file (all but its settings and checksum)."""
+    k, span = time_factor, time_factor * (spec.window - 1) + 1
     if spec.cut_from and size != spec.cut_from:  # every k-th point of the (cached) full-size set
         stride = spec.cut_from // size
         frames = load_dataset(pde, split, size=spec.cut_from, data_dir=data_dir, n_trajectories=n,
                               verbose=verbose, device=device).frames[:, :, ::stride, ::stride].cpu()
     else:
-        full = spec.make(split, range(n), size, verbose=verbose, device=device)  # (n, T, H, W, S)
-        frames = full[:, : spec.windows * spec.window].reshape(
-            n * spec.windows, spec.window, *full.shape[2:])  # (windows, T, H, W, S) by trajectory
+        finer = {} if k == 1 else dict(n_frames=k * spec.windows * spec.window,
+                                       spacing=spec.spacing / k)
+        full = spec.make(split, range(n), size, verbose=verbose, device=device, **finer)
+        starts = range(0, k * spec.windows * spec.window, k * spec.window)   # (n, T, H, W, S) ->
+        frames = torch.stack([full[:, a:a + span] for a in starts], 1).flatten(0, 1)  # windows
     if not torch.isfinite(frames).all():
         raise RuntimeError(f"{pde} {split}: the generator produced non-finite values")
     mask = spec.mask(size)
     return dict(frames=frames.float().contiguous(), coords=spec.coords(size).float(),
-                t=spec.spacing * torch.arange(spec.window, dtype=torch.float32),
+                t=spec.spacing / k * torch.arange(span, dtype=torch.float32),
                 trajectory=torch.arange(n).repeat_interleave(spec.windows),
                 mask=None if mask is None else mask.bool())
+
+
+def register_file(path, *, window=20):
+    """Your own trajectories as a dataset: reads and checks the .npz file `path` and enters it in
+    SPECS under its path, so that load_dataset(path, split) and all built on it work as for the
+    solvers' sets. The file holds `frames` (trajectories, T, H, W, S), `coords` (H, W, X)
+    positions, `t` (T,) increasing times and optionally `mask` (H, W) bool (the points that exist),
+    `channels` (S,) names and `test_frames` (trajectories, T, H, W, S), the test split (else the
+    last of every 8 trajectories, at least one). Each trajectory gives T // window windows, half
+    of each inside the training horizon. ValueError naming the key and what it should be."""
+    if path in SPECS and SPECS[path].window == window:
+        return path
+    try:
+        with np.load(path, allow_pickle=False) as file:
+            arrays = {key: file[key] for key in file.files}
+    except ValueError as err:
+        if "allow_pickle" not in str(err):
+            raise ValueError(f"{path!r} is not an .npz file ({err})") from None
+        raise ValueError(f"{path!r} holds pickled objects: refused (loading them runs code)"
+                         ) from None
+    except (OSError, EOFError) as err:
+        raise ValueError(f"{path!r} is not a readable .npz file ({type(err).__name__})") from None
+
+    def need(key, shape, kind="fiu"):    # shape: sizes, None for any; kind: numpy dtype kinds
+        a = arrays.get(key)
+        if a is None or a.ndim != len(shape) or a.dtype.kind not in kind or any(
+                want not in (None, got) for want, got in zip(shape, a.shape)):
+            what = {"fiu": "numbers", "b": "bool", "U": "strings"}[kind]
+            shape = " x ".join(str(size or "?") for size in shape)
+            got = "missing" if a is None else f"{a.dtype} of shape {a.shape}"
+            raise ValueError(f"{path!r}: {key!r} must be {what} of shape {shape}, got {got}")
+        if kind == "fiu" and not np.isfinite(a).all():
+            raise ValueError(f"{path!r}: {key!r} holds NaN or infinite values")
+        return a
+    frames = need("frames", (None,) * 5)
+    n, steps, h, w, channels = frames.shape
+    coords, t = need("coords", (h, w, None)), need("t", (steps,))
+    test = need("test_frames", (None, steps, h, w, channels)) if "test_frames" in arrays else None
+    mask = need("mask", (h, w), "b") if "mask" in arrays else None
+    names = tuple(need("channels", (channels,), "U")) if "channels" in arrays else tuple(
+        f"u{i}" for i in range(channels))
+    if (np.diff(t) <= 0).any():
+        raise ValueError(f"{path!r}: 't' must increase strictly, got {t.tolist()}")
+    if not 2 <= window <= steps:
+        raise ValueError(f"{path!r} has {steps} frames per trajectory: --window {window} must be "
+                         f"in 2..{steps}")
+    starts = range(0, steps - window + 1, window)
+    if any(not np.allclose(t[a:a + window] - t[a], t[:window] - t[0]) for a in starts):
+        raise ValueError(f"{path!r}: 't' is not evenly spaced, windows of {window} frames would "
+                         f"not share their times; use --window {steps}")
+    if mask is not None and not mask.any():
+        raise ValueError(f"{path!r}: 'mask' hides every point")
+    if test is None and n < 2:
+        raise ValueError(f"{path!r}: one trajectory and no 'test_frames': nothing to test on")
+    if test is None:
+        frames, test = frames[:n - max(1, n // 8)], frames[n - max(1, n // 8):]
+    SPECS[path] = PDESpec(
+        channels=names, boundary="none", spacing=float(t[1] - t[0]), windows=len(starts),
+        trajectories={"train": len(frames), "test": len(test)}, sizes={"train": h, "test": h},
+        make=None, coords=lambda size: torch.tensor(coords, dtype=torch.float32),
+        mask=lambda size: None if mask is None else torch.tensor(mask), window=window,
+        n_in_t=window // 2, arrays={"train": frames, "test": test, "t": t[:window] - t[0]})
+    return path
+
+
+def _file_windows(pde, split, spec, n, device):
+    """load_dataset for a registered file: the first n trajectories of a split, cut in windows."""
+    frames = torch.tensor(spec.arrays[split][:n, :spec.windows * spec.window], dtype=torch.float32)
+    mask = spec.mask(None)
+    return PDEData(pde=pde, split=split, n_in_t=spec.n_in_t,
+                   frames=frames.reshape(-1, spec.window, *frames.shape[2:]).to(device),
+                   coords=spec.coords(None).to(device),
+                   t=torch.tensor(spec.arrays["t"], dtype=torch.float32, device=device),
+                   trajectory=torch.arange(n, device=device).repeat_interleave(spec.windows),
+                   mask=None if mask is None else mask.to(device))
 
 
 def observation_mask(data, rate, seed):

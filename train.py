@@ -10,13 +10,12 @@ Adam with the paper's rates: decoder 1e-2, codes and dynamics 1e-3; each code ro
 Adam. The model (decoder + dynamics + the fit of alpha_0) is `autodecode.DINo`.
 
 The paper's schedule (`schedule="epoch"`): the codes step after every minibatch, the decoder and
-the dynamics once per epoch on gradients summed over its minibatches. Within an epoch the networks
-are frozen and every code row is read once, just before its own step, so the whole epoch is ONE
-step on the sum of all windows' losses, each weighted by 1 / (size of its minibatch): that is how
-it is computed here. `schedule="minibatch"` steps all three every minibatch (the same error
-sooner). Several processes (torchrun) each own a fixed shard of the windows and their codes; the
-network gradients are summed over processes once per step, so the numbers are those of one process.
-Nothing inside an epoch waits for a GPU: no value is read back and no index tensor is copied over.
+the dynamics once per epoch on gradients summed over its minibatches. The networks being frozen
+within an epoch, and each code row read once just before its own step, the epoch is ONE step on
+the sum of all windows' losses, each weighted by 1 / (size of its minibatch): computed so here.
+`schedule="minibatch"` steps all three every minibatch. Under torchrun each process owns a shard
+of the windows and their codes, and the network gradients are summed over processes once per
+step. Nothing inside an epoch waits for a GPU (no value read back, no index tensor copied over).
 
 Usage:
     python train.py --pde heat                 # quick preset on a CPU, paper on a GPU
@@ -38,17 +37,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 import torch.distributed as dist
 
+import solvers
 from autodecode import CodeTable, DINo, fit_codes_closed_form
 from dynamics import epsilon_schedule, restart_mask, rk4_rollout, rollout_with_restarts
-from solvers import (
-    SPECS,
-    check_writable,
-    load_dataset,
-    load_torch,
-    observation_mask,
-    resolve_device,
-    save_torch,
-)
+from solvers import SPECS, check_writable, load_dataset, load_torch, observation_mask, save_torch
 
 # ---- configuration: one table, every PDE x preset
 
@@ -60,15 +52,14 @@ def setting(default, help):
 
 @dataclass(frozen=True)
 class Config:
-    pde: str = setting(None, "a dataset of solvers.py: heat | wave | navier-stokes | shallow-water")
+    pde: str = setting(None, "a dataset of solvers.py, or your own .npz file (--data)")
     # data
-    size: int = setting(64, "grid points along H (planar H = W = size; sphere: nlat = size, "
-                            "nlon = 2 size)")
+    size: int = setting(64, "grid points along H (planar: H = W; sphere: nlat = H, nlon = 2 H)")
     n_train: int = setting(256, "training trajectories (each gives windows of 20 frames)")
     n_test: int = setting(16, "test trajectories (reported only, never used for selection)")
-    subsampling: float = setting(1.0, "fraction of grid points observed in training "
-                                      "(paper: 0.05, 0.25, 1)")
+    subsampling: float = setting(1.0, "fraction of the grid observed (paper: 0.05, 0.25, 1)")
     mask_seed: int = setting(0, "seed of that random observation mask")
+    window: int = setting(20, "frames per window, half in the horizon (--data; solvers': theirs)")
     # coordinates: the decoder sees (x + coord_shift) * coord_scale (the official code feeds
     # planar points in [0, 0.5], the range its input_scale of 64 was tuned for)
     coord_shift: float = setting(0.0, "added to physical coordinates ...")
@@ -81,10 +72,8 @@ class Config:
     dyn_hidden: int = setting(512, "width of the dynamics MLP f_psi")
     # optimisation
     batch_size: int = setting(32, "windows per minibatch (per process under torchrun)")
-    epochs: int = setting(10_000, "training length (the official script ran 120,000, stopped "
-                                  "by hand; a re-run 10,000)")
-    schedule: str = setting("epoch", "'epoch': decoder and dynamics step once per epoch "
-                                     "(paper) | 'minibatch': everything every minibatch")
+    epochs: int = setting(10_000, "training length (the official code: 10,000 in a re-run)")
+    schedule: str = setting("epoch", "'epoch': networks step once per epoch (paper) | 'minibatch'")
     lr_decoder: float = setting(1e-2, "Adam rate of the decoder")
     lr_codes: float = setting(1e-3, "Adam rate of the code rows")
     lr_dynamics: float = setting(1e-3, "Adam rate of f_psi")
@@ -93,16 +82,15 @@ class Config:
     eps_every: int = setting(100, "... every this many iterations (minibatches) ...")
     eps_floor: float = setting(1e-3, "... and counted as 0 below this")
     # inference: fitting alpha_0 of a new observation
-    fit: str = setting("closed-form", "'closed-form': ridge least squares, ridge chosen on "
-                                      "training windows | 'adam'")
+    fit: str = setting("closed-form", "'closed-form': ridge least squares | 'adam'")
     fit_steps: int = setting(300, "'adam': steps from zero (best code kept) ...")
     fit_lr: float = setting(1e-2, "... and their rate")
     # bookkeeping
-    eval_every: int = setting(500, "iterations (minibatches) between evaluations and checkpoints")
+    eval_every: int = setting(500, "iterations between evaluations and checkpoints")
     seed: int = setting(0, "initialisation, shuffling and restart draws")
 
 
-PAPER = Config(pde="navier-stokes")   # the official Navier-Stokes settings: the base of every preset
+PAPER = Config(pde="navier-stokes")     # the official Navier-Stokes settings, base of every preset
 # Quick: small grids, fewer trajectories, smaller nets, every minibatch steps everything, codes at
 # 3e-3 (README: per-row Adam). Planar [-1, 1] domains map to [0, 0.5] like the official [0, 1)
 # ones; the sphere's xyz are scaled by 0.5 (quick preset: better than 0.25, 1 and 2).
@@ -111,7 +99,7 @@ QUICK = replace(PAPER, size=32, code_dim=32, dyn_hidden=128, batch_size=16, sche
 PLANE = dict(coord_shift=1.0, coord_scale=0.25)   # [-1, 1] -> [0, 0.5]
 CONFIGS = {
     ("navier-stokes", "paper"): PAPER,
-    ("heat", "paper"): replace(PAPER, pde="heat", **PLANE),     # no official config
+    ("heat", "paper"): replace(PAPER, pde="heat", **PLANE),           # no official config
     ("wave", "paper"): replace(PAPER, pde="wave", **PLANE, n_train=64, n_test=4, code_dim=50,
                                dyn_hidden=256, fit_steps=500),
     ("shallow-water", "paper"): replace(PAPER, pde="shallow-water", n_train=8, n_test=2,
@@ -129,10 +117,10 @@ RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)   # candidate ridge weights of the 
 AT_LEAST_1 = ("n_train", "n_test", "code_dim", "layers", "dyn_hidden", "batch_size", "eps_every",
               "eval_every")
 RULES = {  # field -> (test, what is allowed); every float must also be finite
-    "pde": (lambda v: v in SPECS, ", ".join(SPECS)),
-    "schedule": (lambda v: v in SCHEDULES, ", ".join(SCHEDULES)),
-    "fit": (lambda v: v in FITS, ", ".join(FITS)),
+    **{name: (lambda v, c=choices: v in c, ", ".join(choices))
+       for name, choices in (("pde", SPECS), ("schedule", SCHEDULES), ("fit", FITS))},
     "subsampling": (lambda v: 0 < v <= 1, "(0, 1]"), "size": (lambda v: v >= 4, ">= 4"),
+    "window": (lambda v: v >= 2, ">= 2"),
     "hidden": (lambda v: v >= 2 and v % 2 == 0, "even, >= 2"),
     "coord_scale": (lambda v: v != 0, "non-zero"),
     "eps_start": (lambda v: 0 <= v <= 1, "[0, 1]"), "eps_decay": (lambda v: 0 < v <= 1, "(0, 1]"),
@@ -305,14 +293,12 @@ class Progress:
 
 
 def squared_sums(pred, truth):
-    """(sum of squared errors, sum of squared truth), a (2,) tensor: their ratio is the relative
-    MSE."""
+    """(sum of squared errors, sum of squared truth), (2,): their ratio is the relative MSE."""
     return torch.stack([(pred - truth).pow(2).sum(), truth.pow(2).sum()])
 
 
 def relative_mse(pred, truth):
-    """MSE / mean square of the truth: 1.0 is 'no better than predicting zero', whatever the
-    units."""
+    """MSE / mean square of the truth: 1.0 is 'no better than predicting zero', in any units."""
     err, ref = squared_sums(pred, truth).tolist()
     return err / max(ref, 1e-30)
 
@@ -417,8 +403,7 @@ CPU_CHUNK = 2 ** 26   # values per chunk on a CPU: 256 MiB per float32 tensor, 4
 
 @dataclass
 class Run:
-    """Everything a training run holds: this process's windows and codes, the model, its
-    optimiser."""
+    """All a training run holds: this process's windows and codes, the model, its optimiser."""
     cfg: Config
     group: "Group"                # this process among the torchrun processes (1 of 1 without)
     model: DINo
@@ -621,24 +606,21 @@ def save(run, progress, paths):
 
 
 def to_cpu(tree):
-    """A copy of `tree` (nested dicts and lists) with every tensor on the CPU. Tensors on a GPU
-    travel in ONE transfer per dtype (each transfer waits for the device): a checkpoint costs a
-    few syncs, not one per tensor."""
+    """A copy of `tree` (nested dicts and lists) with its tensors on the CPU: from a GPU in ONE
+    transfer per dtype (each waits for the device), not one per tensor."""
     def walk(node, visit):
-        if isinstance(node, dict):
-            return {key: walk(value, visit) for key, value in node.items()}
-        if isinstance(node, list):
-            return [walk(value, visit) for value in node]
-        on_device = torch.is_tensor(node) and node.device.type != "cpu"
-        return visit(node) if on_device else node
-    found = []
+        if isinstance(node, (dict, list)):
+            pairs = node.items() if isinstance(node, dict) else enumerate(node)
+            done = {key: walk(value, visit) for key, value in pairs}
+            return done if isinstance(node, dict) else list(done.values())
+        return visit(node) if torch.is_tensor(node) and node.device.type != "cpu" else node
+    found, host = [], {}
     walk(tree, found.append)
-    host = {}
     for dtype in {t.dtype for t in found}:
         same = [t for t in found if t.dtype == dtype]
         flat = torch.cat([t.detach().reshape(-1) for t in same]).cpu()
-        parts = flat.split([t.numel() for t in same])
-        host.update({id(t): part.view(t.shape) for t, part in zip(same, parts)})
+        host.update({id(t): part.view(t.shape) for t, part in
+                     zip(same, flat.split([t.numel() for t in same]))})
     return walk(tree, lambda t: host[id(t)])
 
 
@@ -680,6 +662,8 @@ def model_from_checkpoint(state, device="cpu"):
     """(DINo, Config) from a checkpoint dict, ready to forecast on `device`."""
     try:
         cfg = Config(**state["config"])
+        if cfg.pde.endswith(".npz"):                # your own data: read (and checked) again
+            solvers.register_file(cfg.pde, window=cfg.window)
         model = build_model(cfg, coord_dim=state["coord_dim"], n_channels=state["n_channels"])
         model.to(device).load_state_dict(state["model"])
     except (TypeError, RuntimeError, ValueError) as err:
@@ -727,7 +711,7 @@ class Clock:
         return due
 
     def step_seconds(self):
-        return self.ends[1] - self.ends[0] if len(self.ends) > 1 else time.time() - self.start
+        return self.ends[1] - self.ends[0] if len(self.ends) > 1 else self.session()
 
     def session(self):
         return time.time() - self.start
@@ -746,14 +730,11 @@ class Clock:
 
 def summary(run, label, clock, progress):
     """The first log line: what is trained, where, and how long it will take."""
-    cfg, world = run.cfg, run.group.world
-    batch = f"{cfg.batch_size}"
-    if world > 1 and cfg.schedule == "minibatch":
-        batch = f"{cfg.batch_size} per process, {world * cfg.batch_size} in all"
-    step = clock.step_seconds()
+    cfg, world, step = run.cfg, run.group.world, clock.step_seconds()
+    batch = f"{cfg.batch_size}" + (f" per process, {world * cfg.batch_size} in all"
+                                   if world > 1 and cfg.schedule == "minibatch" else "")
     per_epoch = step * (1 if cfg.schedule == "epoch" else run.iterations_per_epoch)
-    decoder, dynamics = (sum(p.numel() for p in m.parameters())
-                         for m in (run.model.decoder, run.model.dynamics))
+    decoder, dynamics = (sum(p.numel() for p in m.parameters()) for m in run.model.children())
     return (f"{cfg.pde} | {label or 'config given'} | {cfg.epochs} epochs of {run.n_windows} "
             f"windows x {len(run.t)} frames, {len(run.observed)}/{run.mask.numel()} points "
             f"observed | decoder {decoder:,} + dynamics {dynamics:,} parameters | schedule "
@@ -802,31 +783,28 @@ def parser():
                     + __doc__[__doc__.index("Usage:"):].rstrip())
     p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n"
                                         if RANK == 0 else "")
-    p.add_argument("--pde", choices=SPECS, help="which dataset (required unless --resume)")
+    p.add_argument("--pde", choices=SPECS, help="which dataset (or --data; not with --resume)")
+    p.add_argument("--data", metavar="FILE.npz", help="your own trajectories (README: Your own "
+                   "equation): frames, coords, t")
     p.add_argument("--preset", choices=PRESETS, help="'paper': the official sizes and schedule; "
                    "'quick': small grids and nets (default: paper on CUDA, quick on a CPU)")
-    p.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, "
-                   "cuda, cuda:N")
-    p.add_argument("--minutes", type=float, help="stop after this many minutes of this session "
-                   "(checkpointed)")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
+    p.add_argument("--minutes", type=float, help="stop after this many minutes (checkpointed)")
     p.add_argument("--out", help="run folder (default runs/PDE-PRESET): last.pt, best.pt, log.txt")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its "
-                   "last.pt")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (last.pt)")
     p.add_argument("--data-dir", default="data", help="dataset cache folder (default: data)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (on a busy machine 1 is "
-                   "often faster)")
-    table = p.add_argument_group("config fields (default: the preset's; the Config table in "
-                                 "train.py)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (busy machine: 1 is faster)")
+    table = p.add_argument_group("config fields (default: the preset's, train.py's Config table)")
     for f in FLAGS:                                         # argparse reads % in help as a format
-        table.add_argument(f"--{f.name.replace('_', '-')}", type=f.type, metavar=f.type.__name__.upper(),
-                           choices=CHOICES.get(f.name), help=f.metadata["help"].replace("%", "%%"))
+        table.add_argument("--" + f.name.replace("_", "-"), type=f.type,
+                           choices=CHOICES.get(f.name), metavar=f.type.__name__.upper(),
+                           help=f.metadata["help"].replace("%", "%%"))
     return p
 
 
 def resolve(args):
-    """The run's (config, checkpoint to resume or None, out folder, device, label), or
-    ValueError."""
-    device = resolve_device(args.device)
+    """(config, checkpoint to resume or None, out folder, device, label), or ValueError."""
+    device = solvers.resolve_device(args.device)
     given = {f.name: getattr(args, f.name) for f in FLAGS if getattr(args, f.name) is not None}
     if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes >= 0):
         raise ValueError(f"--minutes {args.minutes} must be a finite number >= 0")
@@ -834,15 +812,22 @@ def resolve(args):
         raise ValueError(f"--threads {args.threads} must be at least 1")
     if args.resume:
         return resume_settings(args, given, device)
-    if args.pde is None:
-        raise ValueError(f"--pde is required; allowed: {', '.join(SPECS)}")
+    if (args.pde is None) == (args.data is None):
+        raise ValueError(f"give --pde or --data FILE.npz; --pde allows: {', '.join(SPECS)}")
     preset = args.preset or ("paper" if device.startswith("cuda") else "quick")
+    if args.data:
+        given = {**file_defaults(args.data, given.get("window", 20)), **given}
+    elif given.setdefault("window", SPECS[args.pde].window) != SPECS[args.pde].window:
+        raise ValueError(f"--window {given['window']}: {args.pde}'s windows have "
+                         f"{SPECS[args.pde].window} frames; --window is for --data files")
     label = f"preset {preset}"
     if not args.preset:
         other = "quick" if preset == "paper" else "paper"
         label += f" (the default on {device.split(':')[0].upper()}; --preset {other} for the other)"
-    cfg = replace(CONFIGS[(args.pde, preset)], **given)
-    out = args.out or os.path.join("runs", f"{cfg.pde}-{preset}")
+    base = {"paper": PAPER, "quick": QUICK}[preset]
+    cfg = replace(CONFIGS.get((args.pde, preset), base), **given)
+    name = os.path.splitext(os.path.basename(cfg.pde))[0]
+    out = args.out or os.path.join("runs", f"{name}-{preset}")
     if os.path.exists(os.path.join(out, "last.pt")):
         raise ValueError(f"--out {out!r} already holds a run (last.pt); pass --resume to continue "
                          f"it or choose another --out")
@@ -850,12 +835,23 @@ def resolve(args):
     return cfg, None, out, device, label
 
 
+def file_defaults(path, window):
+    """The settings a file of your own brings: its trajectory counts and grid, and the map of
+    its coordinates' bounding box to [0, 0.5] per axis (as the planar presets' maps)."""
+    spec = SPECS[solvers.register_file(path, window=window)]
+    coords = spec.coords(None).flatten(0, -2)                       # (N, X)
+    low, span = coords.amin(0), (coords.amax(0) - coords.amin(0)).clamp_min(1e-12)
+    return dict(pde=path, n_train=spec.trajectories["train"], n_test=spec.trajectories["test"],
+                size=spec.sizes["train"], coord_shift=tuple((-low).tolist()),
+                coord_scale=tuple((0.5 / span).tolist()))
+
+
 def resume_settings(args, given, device):
     if args.out is None:
         raise ValueError("--resume needs --out RUN_FOLDER (the run to continue)")
     state = load_checkpoint(os.path.join(args.out, "last.pt"))
-    cfg, done = replace(Config(**state["config"]), **given), state["progress"]["epoch"]
-    if args.pde not in (None, cfg.pde) or args.preset or set(given) - {"epochs"}:
+    cfg, done = replace(model_from_checkpoint(state)[1], **given), state["progress"]["epoch"]
+    if args.pde not in (None, cfg.pde) or args.data or args.preset or set(given) - {"epochs"}:
         raise ValueError(f"--resume continues {args.out!r} with its own settings ({cfg.pde}); "
                          f"only --epochs, --minutes, --device, --threads and --data-dir may be "
                          f"given")
@@ -884,10 +880,8 @@ def main(argv=None):
     except BadData as err:
         parser().error(str(err))
     except (NonFiniteLoss, OSError) as err:
-        why = str(err)
-        if isinstance(err, NonFiniteLoss):
-            why = f"non-finite loss or parameters ({err}); try a smaller learning rate " \
-                  f"(--lr-decoder ...)"
+        why = (f"non-finite loss or parameters ({err}); try a smaller learning rate (--lr-decoder "
+               f"...)" if isinstance(err, NonFiniteLoss) else str(err))
         if RANK == 0:
             print(f"train.py: stopped: {why}. The last good checkpoint, if any, is {out}/last.pt",
                   file=sys.stderr)
