@@ -1,14 +1,11 @@
 """Evaluating DINo (Yin, Kirchmeyer et al., ICLR 2023, arXiv:2209.14855v2, Sec. 5): forecasts
-from a single observed frame.
-
-For every test window: fit the frame-0 code alpha_0 to the observed points (by default in closed
-form, with the ridge weight chosen on training windows during training; or by Adam, --fit adam),
-integrate d alpha/dt = f_psi(alpha) over the training horizon (In-t) and beyond it (Out-t),
-decode on the full grid, and compare with the truth:
+from a single observed frame. For every test window: fit the frame-0 code alpha_0 to the observed
+points (by default in closed form, with the ridge weight chosen on training windows during
+training; or by Adam, --fit adam), integrate d alpha/dt = f_psi(alpha) over the training horizon
+(In-t) and beyond it (Out-t), decode on the full grid, and compare with the truth:
     MSE over In-t / Out-t  x  In-s (observed points) / Out-s (unobserved points),
 and the relative MSE (MSE / mean square of the truth over the same frames and points), so that
 1.0 means "no better than predicting zero" whatever the PDE's units.
-
 Usage:
     python evaluate.py runs/heat-quick                    # best.pt; table, metrics.json, GIFs, PNG
     python evaluate.py runs/heat-quick/last.pt --subsampling 0.25 --mask-seed 7  # Table 3: new grid
@@ -18,9 +15,6 @@ Usage:
     python evaluate.py runs/heat-quick --fit adam         # alpha_0 by Adam, not the closed form
     python evaluate.py runs/heat-quick --time-factor 4    # also 3 times between each two frames
 Files land in RUN/eval[-conditions]/ (or --out): metrics.json and the table first, then pictures.
-
-For your own data, DINo in one call: `model = load_model(run)`, then
-`model.forecast(coords_obs, values_obs, t, coords_query)` (autodecode.DINo.forecast).
 """
 import argparse
 import json
@@ -42,13 +36,12 @@ from matplotlib.animation import FuncAnimation, PillowWriter  # noqa: E402
 
 
 def load_model(path, device="cpu"):
-    """A trained DINo (autodecode.DINo) from a run folder (its best.pt) or a checkpoint file."""
+    """A trained DINo from a run folder (its best.pt) or a checkpoint file; on your own data, one
+    call: load_model(run).forecast(coords_obs, values_obs, t, coords_query) (autodecode.DINo)."""
     return model_from_checkpoint(load_checkpoint(path), device)[0]
 
 
 # ---- the metric table
-
-
 def mse_table(pred, truth, observed, n_in_t):
     """MSE and relative MSE for In-t / Out-t x In-s / Out-s / all points.
     pred, truth (B, T, N, S); observed (N,) bool. Empty cells (no unobserved point) are None."""
@@ -56,16 +49,14 @@ def mse_table(pred, truth, observed, n_in_t):
     for time_name, frames in (("in_t", slice(0, n_in_t)), ("out_t", slice(n_in_t, None))):
         for space_name, points in (("in_s", observed), ("out_s", ~observed), ("all", slice(None))):
             p, y = pred[:, frames][:, :, points], truth[:, frames][:, :, points]
-            mse = (p - y).pow(2).mean().item() if p.numel() else None
-            table["mse"][time_name][space_name] = mse
-            table["rel_mse"][time_name][space_name] = relative_mse(p, y) if p.numel() else None
+            both = ((p - y).pow(2).mean().item(), relative_mse(p, y)) if p.numel() else (None, None)
+            table["mse"][time_name][space_name], table["rel_mse"][time_name][space_name] = both
     return table
 
 
 def format_table(table):
     def cell(value):
         return f"{value:10.3e}" if value is not None else f"{'-':>10}"
-
     heads = "".join(f"{h:>11}" for h in ("In-s", "Out-s", "all"))
     lines = [f"{'':6}{'MSE':>33}   {'relative MSE':>33}", f"{'':6}{heads}   {heads}"]
     for name, label in (("in_t", "In-t"), ("out_t", "Out-t")):
@@ -75,8 +66,6 @@ def format_table(table):
 
 
 # ---- the evaluation
-
-
 def load_split(cfg, split, *, size, data_dir, device, time_factor=1):
     """A split's windows: 'test', 'train' (the run's), or 'val': the training-split trajectories
     the run did not train on (after its n_train, up to the paper's count): choose settings there."""
@@ -95,9 +84,7 @@ def load_split(cfg, split, *, size, data_dir, device, time_factor=1):
 def observed_points(state, cfg, data, *, rate, seed, resolution, data_dir):
     """(N,) bool: which points of the grid the code fitting sees, and a description."""
     spec, device = SPECS[cfg.pde], data.coords.device
-    if spec.cut_from and resolution != cfg.size and resolution % cfg.size == 0:
-        # super-resolution (paper Sec. 5): observe the training grid, decode the finer one. Both
-        # grids cut one simulation grid (solvers.py): the training grid is every k-th point.
+    if spec.cut_from and resolution != cfg.size and resolution % cfg.size == 0:  # super-resolution
         k = resolution // cfg.size
         coarse = load_split(cfg, data.split, size=cfg.size, data_dir=data_dir, device=device)
         observed = torch.zeros(data.coords.shape[:2], dtype=torch.bool, device=device)  # (H, W)
@@ -111,10 +98,8 @@ def observed_points(state, cfg, data, *, rate, seed, resolution, data_dir):
 
 def check_memory(n_values, what, device):
     """ValueError when `n_values` float32 numbers, a few times over, exceed this device's memory."""
-    if device.startswith("cuda"):
-        total = torch.cuda.get_device_properties(device).total_memory
-    else:
-        total = solvers.physical_memory()
+    total = (torch.cuda.get_device_properties(device).total_memory if device.startswith("cuda")
+             else solvers.physical_memory())
     if 4 * 4 * n_values > total:
         raise ValueError(f"{what} needs about {16 * n_values / 2**30:.0f} GiB, more than the "
                          f"{total / 2**30:.0f} GiB here; ask for less")
@@ -128,17 +113,15 @@ def check_sizes(cfg, *, split, resolution, points, device, time_factor):
     check_memory(per_point * resolution ** 2 * spec.width_ratio, f"--resolution {resolution}",
                  device)
     if points is not None:
-        # the sphere's truth also holds a Legendre table of nlat^2 values per point
-        legendre = 2 * spec.cut_from ** 2 if spec.cut_from else 0
+        legendre = 2 * spec.cut_from ** 2 if spec.cut_from else 0  # sphere truth: nlat^2 per point
         check_memory(points * (per_point + legendre), f"--points {points}", device)
 
 
 def evaluate(path, *, device="cpu", split="test", subsampling=None, mask_seed=None,
              resolution=None, points=None, fit=None, fit_steps=None, time_factor=1, out=None,
              data_dir="data", pictures=True, log=print):
-    """Forecast every window of a split (test by default) from its frame 0 and score it:
-    metrics.json and the table first, then the pictures (GIFs, PNG) in `out`. Returns the metrics
-    dict (its "files" lists what was written)."""
+    """Forecast each window of a split (default test) from its frame 0 and score it: metrics.json
+    and the table first, then pictures in `out`. Returns the metrics ("files": what was written)."""
     file = os.path.join(path, "best.pt") if os.path.isdir(path) else path
     state = load_checkpoint(file)
     model, cfg = model_from_checkpoint(state, device)
@@ -166,9 +149,8 @@ def evaluate(path, *, device="cpu", split="test", subsampling=None, mask_seed=No
               else f"{model.fit_steps} Adam steps")
     metrics = {"checkpoint": os.path.abspath(file), "pde": cfg.pde, "split": split,
                "epoch": state["progress"]["epoch"], "iteration": state["progress"]["iteration"],
-               "grid": grid, "windows": len(truth), "frames": len(data.t),
-               "n_in_t": data.n_in_t, "observed": how,
-               "observed_fraction": observed.float().mean().item(), "fit": fitted,
+               "grid": grid, "windows": len(truth), "frames": len(data.t), "n_in_t": data.n_in_t,
+               "observed": how, "observed_fraction": observed.float().mean().item(), "fit": fitted,
                **score(pred, truth, observed, data.n_in_t), "t": data.t.tolist()}
     if time_factor > 1:
         metrics["between_frames"] = between_frames(pred, truth, data.n_in_t, time_factor)
@@ -220,8 +202,7 @@ def forecast_split(state, model, cfg, *, split, resolution, rate, seed, data_dir
 
 
 def score(pred, truth, observed, n_in_t):
-    """The tables of DINo and of persistence (frame 0 held constant: the baseline a forecast must
-    beat), and the error of each frame."""
+    """Tables of DINo and of persistence (frame 0 held: the baseline to beat), per-frame errors."""
     frames = range(truth.shape[1])
     return {**mse_table(pred, truth, observed, n_in_t),
             "persistence": mse_table(truth[:, :1].expand_as(truth), truth, observed, n_in_t),
@@ -235,10 +216,9 @@ def between_frames(pred, truth, n_in_t, k):
     err = (pred - truth).pow(2).mean(dim=(0, 2, 3))                       # (T,)
     index = torch.arange(len(err), device=err.device)
     on_frame, inside = index % k == 0, index < n_in_t
-    cells = {name: {"frames": err[part & on_frame].mean().item(),
-                    "between": err[part & ~on_frame].mean().item()}
-             for name, part in (("in_t", inside), ("out_t", ~inside))}
-    return {"time_factor": k, **cells}
+    return {"time_factor": k, **{name: {"frames": err[part & on_frame].mean().item(),
+                                        "between": err[part & ~on_frame].mean().item()}
+                                 for name, part in (("in_t", inside), ("out_t", ~inside))}}
 
 
 def free_form(model, cfg, codes, *, split, resolution, n_points, seed, n_in, data_dir, device):
@@ -269,8 +249,6 @@ def free_form(model, cfg, codes, *, split, resolution, n_points, seed, n_in, dat
 
 
 # ---- pictures: the README's (from several runs), then each evaluation's GIFs and error plot
-
-
 def figures(folder, runs, *, device="cpu", data_dir="data", log=print):
     """Pictures from finished runs: learning_curves.png (test MSE In-t / Out-t of every run against
     its epochs, from the log kept in last.pt), forecast.gif (the first planar run) and superres.png
@@ -286,9 +264,8 @@ def figures(folder, runs, *, device="cpu", data_dir="data", log=print):
             state, model, cfg, split="test", rate=cfg.subsampling, seed=cfg.mask_seed,
             resolution=cfg.size * (2 if spec.cut_from else 1), data_dir=data_dir, device=device)
         n = data.n_in_t
-        halves = (slice(0, n), slice(n, None))                          # In-t, Out-t
-        for ax, key, frames in zip(axes, ("test_in_t", "test_out_t"), halves):
-            square = data.frames[:, frames].pow(2).mean().item()        # relative MSE -> MSE
+        for ax, key, part in zip(axes, ("test_in_t", "test_out_t"), (slice(0, n), slice(n, None))):
+            square = data.frames[:, part].pow(2).mean().item()          # relative MSE -> MSE
             ax.plot([h["epoch"] for h in history], [h[key] * square for h in history], marker=".",
                     label=os.path.basename(os.path.abspath(run)))
         if spec.cut_from and "superres.png" not in files:
@@ -307,10 +284,7 @@ def figures(folder, runs, *, device="cpu", data_dir="data", log=print):
         ax.set(yscale="log", xlabel="epoch", title=f"test MSE, {name}")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    try:
-        write_atomic(os.path.join(folder, files[0]), lambda tmp: fig.savefig(tmp, dpi=80))
-    finally:
-        plt.close(fig)
+    _write_figure(fig, os.path.join(folder, files[0]), lambda tmp: fig.savefig(tmp, dpi=80))
     log(f"wrote {', '.join(os.path.join(folder, f) for f in files)}")
     return files
 
@@ -326,10 +300,7 @@ def save_frame(path, truth, pred, title):
         fig.colorbar(ax.imshow(image, cmap=cmap, vmin=-lim, vmax=lim), ax=ax, shrink=0.8)
         ax.set(title=name, xticks=[], yticks=[])
     fig.suptitle(title, fontsize=9)
-    try:
-        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=80))
-    finally:
-        plt.close(fig)
+    _write_figure(fig, path, lambda tmp: fig.savefig(tmp, dpi=80))
 
 
 def save_gif(path, truth, pred, t, *, n_in_t, title):
@@ -338,9 +309,8 @@ def save_gif(path, truth, pred, t, *, n_in_t, title):
     truth, pred = truth.cpu().numpy(), pred.cpu().numpy()
     rows = (("truth", truth, "RdBu_r"), ("prediction", pred, "RdBu_r"),
             ("error", pred - truth, "PuOr_r"))
-    # colour limits per frame (heat fades 50x over a window), truth and prediction sharing one
-    limits = [np.maximum(np.abs(data).max(axis=(0, 2, 3)), 1e-12)
-              for data in (truth, truth, pred - truth)]
+    limits = [np.maximum(np.abs(data).max(axis=(0, 2, 3)), 1e-12)  # per frame: heat fades 50x
+              for data in (truth, truth, pred - truth)]          # truth and prediction share one
     n_windows, aspect = truth.shape[0], truth.shape[3] / truth.shape[2]  # W / H (sphere: 2)
     width = 1.6 * aspect * n_windows + 0.8
     fig, axes = plt.subplots(3, n_windows, figsize=(width, 5.4), squeeze=False)
@@ -352,8 +322,7 @@ def save_gif(path, truth, pred, t, *, n_in_t, title):
             images.append((image, data, col, lim))
             ax.set(xticks=[], yticks=[], ylabel=name if col == 0 else "")
         fig.colorbar(images[-1][0], ax=axes[row].tolist(), shrink=0.9, pad=0.02)
-    cursor = time_line(fig, t, n_in_t)
-    heading = fig.suptitle("", fontsize=10)
+    cursor, heading = time_line(fig, t, n_in_t), fig.suptitle("", fontsize=10)
 
     def frame(k):
         for image, data, col, lim in images:
@@ -365,8 +334,13 @@ def save_gif(path, truth, pred, t, *, n_in_t, title):
         heading.set_text(f"{title}   t = {t[k]:.2f}   {when}")
         heading.set_color("black" if k < n_in_t else "firebrick")
     animation = FuncAnimation(fig, frame, frames=len(t))
+    _write_figure(fig, path, lambda tmp: animation.save(tmp, writer=PillowWriter(fps=4), dpi=72))
+
+
+def _write_figure(fig, path, save):
+    """write_atomic(path, save), then close `fig` whether or not the write succeeded."""
     try:
-        write_atomic(path, lambda tmp: animation.save(tmp, writer=PillowWriter(fps=4), dpi=72))
+        write_atomic(path, save)
     finally:
         plt.close(fig)
 
@@ -398,10 +372,7 @@ def save_error_plot(path, t, curves, *, n_in_t, title, every=1):
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    try:
-        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=90))
-    finally:
-        plt.close(fig)
+    _write_figure(fig, path, lambda tmp: fig.savefig(tmp, dpi=90))
 
 
 def draw(out, cfg, data, pred, *, observed, every=1):
@@ -409,8 +380,7 @@ def draw(out, cfg, data, pred, *, observed, every=1):
     B, T, H, W, S = data.frames.shape
     shown = min(B, 4 if H == W else 2)                    # the sphere's panels are 2:1
     grid_pred = pred[:shown].view(shown, T, H, W, S)
-    t = data.t.cpu().numpy()
-    files = []
+    t, files = data.t.cpu().numpy(), []
     for s, name in enumerate(SPECS[cfg.pde].channels):
         files.append(f"forecast_{name}.gif")
         save_gif(os.path.join(out, files[-1]), data.frames[:shown, ..., s], grid_pred[..., s], t,
@@ -434,15 +404,11 @@ def default_out(path, cfg, *, split, rate, seed, res, points, time_factor):
     tags += [split] if split != "test" else []
     conditions = (("res", res if res != cfg.size else None), ("s", rate), ("seed", seed),
                   ("points", points), ("tf", time_factor if time_factor > 1 else None))
-    for flag, value in conditions:
-        if value is not None:
-            tags.append(f"{flag}{value:g}")
+    tags += [f"{flag}{value:g}" for flag, value in conditions if value is not None]
     return os.path.join(run, "-".join(["eval"] + tags))
 
 
 # ---- command line
-
-
 def parser():
     usage = __doc__[__doc__.index("Usage:"):__doc__.index("Files land")].rstrip()
     p = argparse.ArgumentParser(
@@ -495,8 +461,7 @@ def main(argv=None):
         return evaluate(args.run[0], device=device, split=args.split, subsampling=args.subsampling,
                         mask_seed=args.mask_seed, resolution=args.resolution, points=args.points,
                         fit=args.fit, fit_steps=args.fit_steps, time_factor=args.time_factor,
-                        out=args.out,
-                        data_dir=args.data_dir, pictures=not args.no_pictures)
+                        out=args.out, data_dir=args.data_dir, pictures=not args.no_pictures)
     except (ValueError, OSError) as err:
         parser().error(str(err))
 

@@ -7,41 +7,24 @@ exact in time where the PDE is linear and fourth order (planar) or second order 
 is not, all in torch (plus numpy for the sphere's Legendre tables), batched, on any device.
 
 Layout. Every planar solver takes a batch of initial states (B, H, W) and output times t (T,)
-(the initial state sits at time 0) and returns frames CHANNELS LAST, (B, T, H, W, S). This is a
-deliberate contract choice: solvers, datasets (windows, T, H, W, S) and the model (B, T, N, S)
-all share one layout, so a frame flattens to points with a reshape and never needs a permute.
-Grid axis 0 (H) is x, axis 1 (W) is y.
+(the initial state sits at time 0) and returns frames CHANNELS LAST, (B, T, H, W, S), by choice:
+solvers, datasets (windows, T, H, W, S) and the model (B, T, N, S) share one layout, so a frame
+flattens to points with a reshape, never a permute. Grid axis 0 (H) is x, axis 1 (W) is y.
 
-The file reads top to bottom in this order:
-
+The file reads top to bottom:
 1. The data contract: PDEData (what a dataset is), PDESpec and the SPECS table (the paper's
-   datasets, one entry per PDE), load_dataset and its helpers, observation_mask. A trajectory
-   depends only on (split, index), train and test seeds are disjoint, and the sets are cached on
-   disk under a hash of every setting, with a checksum of the data. Other grid sizes: a planar
-   trajectory is always simulated at the paper's 64x64 and evaluated on the requested grid
-   through its spectral interpolant (cosine series for heat, Fourier series for wave and
-   Navier-Stokes), so a 32x32 or 128x128 set holds the same fields as the 64x64 one, point for
-   point. The sphere is always simulated at 256x128; smaller sets are every k-th point of it.
-2. Grids and spectral interpolation: trajectory seeds, planar grids, and the one spectral
-   interpolant behind new grid sizes (resample) and free points (interpolate).
-3. Heat, du/dt = k Lap u on [-1, 1]^2 with zero-flux walls, cell-centred grid. The cosine series
-   of the grid values (DCT-II) diagonalises the Neumann Laplacian, so u(t) = IDCT(exp(-k lam t)
-   DCT(u0)) with the continuous eigenvalues lam: exact in time and spectral in space.
-4. Wave, d2u/dt2 = c^2 Lap u on the periodic [-1, 1)^2, state (u, du/dt): exact in time, mode by
-   mode in Fourier space (a rotation of (u_k, du_k/dt) at frequency c|k|).
-5. Navier-Stokes, vorticity form on the periodic [0, 1)^2:
-       dw/dt + u . grad w = nu Lap w + f,   u = (d psi/dy, -d psi/dx),   -Lap psi = w,
-   pseudo-spectral with 2/3 de-aliasing; integrating-factor RK4 (Lawson): viscosity exact, the
-   advection and forcing fourth order, a per-trajectory step from a Courant bound. An unstable
-   step is never taken silently: it is retried with half the step, or refused with an error.
-6. The planar dataset makers (make_heat, make_wave, make_navier_stokes): initial states from the
-   trajectory seeds, solved in batches, evaluated on the requested grid.
-7. Rotating shallow water on the sphere (Galewsky jets), vorticity-divergence form, spectral
-   transform on Gauss latitudes, IMEX RK222; the section's own comments give the equations. Its
-   frames are (B, T, nlat, 2 nlat, S), north to south, longitude from 0. The section ends with
-   the dataset's points and mask, interpolation at free points and the dataset maker.
-8. Files and devices: atomic writes, torch files loaded without running code, device choice.
-9. The command line.
+   datasets), load_dataset and its helpers, register_file (your own .npz data), observation_mask.
+   A planar trajectory is always simulated at the paper's 64x64 and evaluated on the requested
+   grid through its spectral interpolant, so a 32x32 or 128x128 set holds the same fields as the
+   64x64 one, point for point; the sphere is simulated at 256x128, smaller sets every k-th point.
+2. Grids and spectral interpolation: trajectory seeds, planar grids, resample and interpolate.
+3-5. The planar solvers (each docstring gives its method): heat (zero-flux walls) and wave
+   (periodic), exact in time; Navier-Stokes (periodic): pseudo-spectral IF-RK4, Courant-bounded
+   steps, an unstable one retried with half the step or refused, never taken silently.
+6. The planar dataset makers: initial states from the trajectory seeds, solved in batches.
+7. Shallow water on the sphere (Galewsky jets; equations in the section's comments), frames
+   (B, T, nlat, 2 nlat, S) north to south, longitude from 0; the dataset's points, mask and maker.
+8-9. Files and devices (atomic writes, safe torch loading, device choice); the command line.
 
 Use:
     from solvers import load_dataset
@@ -51,6 +34,7 @@ Use:
 """
 import argparse
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -59,6 +43,7 @@ import os
 import re
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
@@ -106,14 +91,12 @@ class PDESpec:
     arrays: dict | None = None   # your own data (register_file): split -> trajectories, and "t"
 
 
-# The sphere's simulation settings that its SPECS entry records (and so its cache key holds); the
-# solver's other constants are in the section "shallow water on the sphere".
+# The sphere's settings in SPECS (so in its cache key); its solver's other constants: its section.
 SPHERE_RADIUS = 6.37122e6          # m
 SPHERE_HYPERDIFFUSION = 1.0e5 * SPHERE_RADIUS**2 / 32**2   # m^4/s, Dedalus's "matched at l = 32"
 SPHERE_DATA_NLAT = 128             # the paper's simulation grid: 256 lon x 128 lat (T127)
 
-# The table names makers and grids of the physics sections further down; its lambdas look them
-# up when called, so the table can come first.
+# The lambdas look up makers and grids defined further down when called: the table can come first.
 SPECS = {
     "heat": PDESpec(
         channels=("u",), boundary="cosine", spacing=0.25, windows=2,
@@ -136,8 +119,6 @@ SPECS = {
         coords=lambda size: planar_coords(size, low=0.0, high=1.0, cell_centred=False),
         settings=dict(viscosity=1e-3, spin_up=30.0, forcing="0.1(sin 2pi(x+y) + cos 2pi(x+y))",
                       grf=(2.5, 7.0), scheme="IF-RK4 cfl 2.0 float32", domain="[0,1)^2 periodic")),
-    # Simulated at 256x128 (T127) whatever the size asked for; smaller sets are every k-th point of
-    # that set, so every size (and evaluate.py's free points) sees the same simulation.
     "shallow-water": PDESpec(
         channels=("height", "vorticity"), boundary="sphere", spacing=1.0, windows=8,
         trajectories={"train": 8, "test": 2}, sizes={"train": 64, "test": 64}, width_ratio=2,
@@ -155,35 +136,28 @@ CACHE_VERSION = 1  # bump when a generator changes in a way the settings do not 
 def load_dataset(pde, split, *, size=None, data_dir="data", n_trajectories=None, device="cpu",
                  verbose=True, time_factor=1):
     """The paper's dataset for `pde` and `split` as a PDEData (see the dataclass for shapes).
-
     size: grid points along H (None = the paper's 64); n_trajectories: None = the paper's count,
     smaller = the first n trajectories of the full set. Generated on the first call and cached in
-    data_dir under a name holding a hash of every setting, with a checksum of the data; a cached
-    file that is unreadable, stale or corrupted is reported in one line and regenerated. A set is
-    built on `device` (a GPU builds in seconds what a CPU thread builds in minutes; the results
-    differ by rounding only, so the cache does not record where). time_factor K > 1 (planar
-    sets): the same windows with K - 1 more frames between each two, from the same simulations
-    (heat and wave exact in time), so K (window - 1) + 1 frames per window. Errors:
-    ValueError for bad arguments or a data_dir that cannot hold the cache (checked before any
-    work), OSError when writing the cache fails (nothing is left behind).
-    """
+    data_dir, named by a hash of every setting, with a checksum of the data; an unreadable, stale or
+    corrupted cache file is reported in one line and regenerated. Built on `device` (a GPU takes
+    seconds where a CPU thread takes minutes; the results differ by rounding only, so the cache does
+    not record where). time_factor K > 1 (planar sets): the same windows with K - 1 more frames
+    between each two, K (window - 1) + 1 in all, from the same simulations (heat and wave exact in
+    time). ValueError for bad arguments or a data_dir that cannot hold the cache (checked before
+    any work); OSError if writing the cache fails (leaving nothing behind)."""
     spec, size, n = _resolve(pde, split, size, n_trajectories, time_factor)
     if spec.arrays is not None:              # a file of the user's: nothing to simulate or cache
         return _file_windows(pde, split, spec, n, device)
-    settings = dict(pde=pde, split=split, size=size, n_trajectories=n, version=CACHE_VERSION,
-                    spacing=spec.spacing, window=spec.window, windows=spec.windows,
-                    channels=len(spec.channels), **spec.settings)
-    if time_factor > 1:
-        settings["time_factor"] = time_factor
-    settings = json.loads(json.dumps(settings))  # canonical form (tuples -> lists) for comparison
+    settings = json.loads(json.dumps(dict(  # canonical form (tuples -> lists) for comparison
+        pde=pde, split=split, size=size, n_trajectories=n, version=CACHE_VERSION,
+        spacing=spec.spacing, window=spec.window, windows=spec.windows, channels=len(spec.channels),
+        **spec.settings, **({"time_factor": time_factor} if time_factor > 1 else {}))))
     path = _cache_path(data_dir, pde=pde, split=split, size=size, n=n, settings=settings)
-    payload = None
-    if os.path.exists(path):
-        span = time_factor * (spec.window - 1) + 1                         # frames per window
-        expected_shape = (n * spec.windows, span, len(spec.channels))
-        payload, problem = _read_cache(path, settings, expected_shape)
-        if problem:
-            print(f"cache {path} is {problem}; regenerating it", flush=True)
+    span = time_factor * (spec.window - 1) + 1                             # frames per window
+    payload, problem = (_read_cache(path, settings, (n * spec.windows, span, len(spec.channels)))
+                        if os.path.exists(path) else (None, None))
+    if problem:
+        print(f"cache {path} is {problem}; regenerating it", flush=True)
     if payload is None:
         check_writable(data_dir, name="data_dir")
         start = time.time()
@@ -198,12 +172,9 @@ def load_dataset(pde, split, *, size=None, data_dir="data", n_trajectories=None,
         if verbose:
             print(f"generated {pde} {split} in {time.time() - start:.1f} s "
                   f"({os.path.getsize(path) / 2**20:.1f} MiB)")
-    mask = payload["mask"]
-    return PDEData(pde=pde, split=split, frames=payload["frames"].to(device),
-                   coords=payload["coords"].to(device), t=payload["t"].to(device),
-                   trajectory=payload["trajectory"].to(device),
-                   mask=None if mask is None else mask.to(device),
-                   n_in_t=time_factor * (spec.n_in_t - 1) + 1)
+    on_device = {key: None if payload[key] is None else payload[key].to(device)
+                 for key in ("frames", "coords", "t", "trajectory", "mask")}
+    return PDEData(pde=pde, split=split, **on_device, n_in_t=time_factor * (spec.n_in_t - 1) + 1)
 
 
 def _resolve(pde, split, size, n_trajectories, time_factor=1):
@@ -310,27 +281,21 @@ def register_file(path, *, window=20):
     if path in SPECS and SPECS[path].window == window:
         return path
     try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":            # np.savez writes a zip archive
+                raise ValueError(f"{path!r} is not an .npz file (np.savez writes one)")
         with np.load(path, allow_pickle=False) as file:
             arrays = {key: file[key] for key in file.files}
-    except ValueError as err:
-        if "allow_pickle" not in str(err):
-            raise ValueError(f"{path!r} is not an .npz file ({err})") from None
-        raise ValueError(f"{path!r} holds pickled objects: refused (loading them runs code)"
-                         ) from None
-    except (OSError, EOFError) as err:
-        raise ValueError(f"{path!r} is not a readable .npz file ({type(err).__name__})") from None
-
-    def need(key, shape, kind="fiu"):    # shape: sizes, None for any; kind: numpy dtype kinds
-        a = arrays.get(key)
-        if a is None or a.ndim != len(shape) or a.dtype.kind not in kind or any(
-                want not in (None, got) for want, got in zip(shape, a.shape)):
-            what = {"fiu": "numbers", "b": "bool", "U": "strings"}[kind]
-            shape = " x ".join(str(size or "?") for size in shape)
-            got = "missing" if a is None else f"{a.dtype} of shape {a.shape}"
-            raise ValueError(f"{path!r}: {key!r} must be {what} of shape {shape}, got {got}")
-        if kind == "fiu" and not np.isfinite(a).all():
-            raise ValueError(f"{path!r}: {key!r} holds NaN or infinite values")
-        return a
+    except OSError as err:
+        raise ValueError(f"{path!r} cannot be read ({err.strerror or err})") from None
+    except (EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path!r} is damaged ({type(err).__name__})") from None
+    except ValueError as err:                       # numpy refuses object arrays: pickles
+        if "pickle" in str(err):
+            raise ValueError(f"{path!r} holds pickled objects: refused (loading them runs "
+                             f"code)") from None
+        raise
+    need = functools.partial(_file_array, path, arrays)
     frames = need("frames", (None,) * 5)
     n, steps, h, w, channels = frames.shape
     coords, t = need("coords", (h, w, None)), need("t", (steps,))
@@ -362,13 +327,27 @@ def register_file(path, *, window=20):
     return path
 
 
+def _file_array(path, arrays, key, shape, kind="fiu"):
+    """arrays[key] of register_file's `path`, checked: its shape (sizes, None for any) and numpy
+    dtype kinds ('fiu' numbers, then also finite; 'b' bool; 'U' strings), else a ValueError."""
+    a = arrays.get(key)
+    if a is None or a.ndim != len(shape) or a.dtype.kind not in kind or any(
+            want not in (None, got) for want, got in zip(shape, a.shape)):
+        what = {"fiu": "numbers", "b": "bool", "U": "strings"}[kind]
+        shape = " x ".join(str(size or "?") for size in shape)
+        got = "missing" if a is None else f"{a.dtype} of shape {a.shape}"
+        raise ValueError(f"{path!r}: {key!r} must be {what} of shape {shape}, got {got}")
+    if kind == "fiu" and not np.isfinite(a).all():
+        raise ValueError(f"{path!r}: {key!r} holds NaN or infinite values")
+    return a
+
+
 def _file_windows(pde, split, spec, n, device):
     """load_dataset for a registered file: the first n trajectories of a split, cut in windows."""
     frames = torch.tensor(spec.arrays[split][:n, :spec.windows * spec.window], dtype=torch.float32)
     mask = spec.mask(None)
-    return PDEData(pde=pde, split=split, n_in_t=spec.n_in_t,
+    return PDEData(pde=pde, split=split, n_in_t=spec.n_in_t, coords=spec.coords(None).to(device),
                    frames=frames.reshape(-1, spec.window, *frames.shape[2:]).to(device),
-                   coords=spec.coords(None).to(device),
                    t=torch.tensor(spec.arrays["t"], dtype=torch.float32, device=device),
                    trajectory=torch.arange(n, device=device).repeat_interleave(spec.windows),
                    mask=None if mask is None else mask.to(device))
@@ -381,9 +360,7 @@ def observation_mask(data, rate, seed):
     if not 0 < rate <= 1:
         raise ValueError(f"subsampling rate {rate} is outside (0, 1]")
     h, w = data.coords.shape[:2]
-    mask = torch.ones(h, w, dtype=torch.bool)
-    if data.mask is not None:
-        mask &= data.mask.cpu()
+    mask = torch.ones(h, w, dtype=torch.bool) if data.mask is None else data.mask.cpu().clone()
     if rate < 1.0:
         mask &= torch.rand(h, w, generator=torch.Generator().manual_seed(seed)) < rate
     if not mask.any():
@@ -425,18 +402,16 @@ def cosine_synthesis_weights(n, **opts):
 
 def spectral_basis(n, s, *, boundary, dtype=torch.float64, device="cpu"):
     """(len(s), n) matrix evaluating the spectral interpolant of n grid values at positions s,
-    given as fractions of the domain's length from its low end: the one interpolation helper
-    (new grid sizes, free points, the tests' truth).
-    'cosine': cell-centred values at (i + 1/2)/n with zero-flux walls: the cosine (DCT-II) series
-    the heat solver uses. 'periodic': values at i/n of one period: the trigonometric interpolant
-    (n even; the Nyquist mode split evenly, so the interpolant is real). Exact for fields with no
-    modes above the grid's."""
+    fractions of the domain's length from its low end: the one interpolation helper (new grid
+    sizes, free points, the tests' truth). 'cosine': cell-centred values at (i + 1/2)/n, zero-flux
+    walls: the heat solver's cosine (DCT-II) series. 'periodic': values at i/n of one period: the
+    trigonometric interpolant (n even; the Nyquist mode split evenly, so the interpolant is real).
+    Exact for fields with no modes above the grid's."""
     opts = dict(dtype=torch.float64)
     s = torch.as_tensor(s, **opts)
-    centres = (torch.arange(n, **opts) + 0.5) / n
     if boundary == "cosine":
         synthesis = cosine_modes(n, s, **opts) * cosine_synthesis_weights(n, **opts)  # (Q, n)
-        basis = synthesis @ cosine_modes(n, centres, **opts).T
+        basis = synthesis @ cosine_modes(n, (torch.arange(n, **opts) + 0.5) / n, **opts).T
     elif boundary == "periodic":
         if n % 2:
             raise ValueError(f"periodic interpolation needs an even number of grid points, got {n}")
@@ -479,13 +454,11 @@ def interpolate(frames, s_x, s_y, *, boundary):
 # ---------------------------------------------------------------- heat
 def solve_heat(u0, t, *, diffusivity=0.1, length=2.0):
     """du/dt = k Lap u on a square of side `length`, zero-flux walls, cell-centred grid.
-
     u0 (B, H, W), t (T,) -> (B, T, H, W, 1). Exact in time; spectral in space: the grid values
     define a cosine series sum a_mn cos(pi m s_x) cos(pi n s_y) (s in [0, 1] across the box), each
     term an eigenfunction of the Neumann Laplacian with eigenvalue -(pi/length)^2 (m^2 + n^2).
     The DCT-II is a dense cosine matrix here: exact, any device and dtype with torch alone (torch
-    has no DCT), and for grids of a few hundred points a matmul is as fast as an FFT.
-    """
+    has no DCT), and for grids of a few hundred points a matmul is as fast as an FFT."""
     b, h, w = u0.shape
     opts = dict(dtype=u0.dtype, device=u0.device)
     t = torch.as_tensor(t, **opts)
@@ -495,9 +468,8 @@ def solve_heat(u0, t, *, diffusivity=0.1, length=2.0):
     lam_x = (math.pi * torch.arange(h, **opts) / length) ** 2  # (H,)
     lam_y = (math.pi * torch.arange(w, **opts) / length) ** 2  # (W,)
     decay = torch.exp(-diffusivity * t[:, None, None] * (lam_x[:, None] + lam_y[None, :]))
-    # inverse DCT-II: the transposed matrix with the synthesis weights
     weight_x, weight_y = cosine_synthesis_weights(h, **opts), cosine_synthesis_weights(w, **opts)
-    coeff = coeff * weight_x[:, None] * weight_y[None, :]
+    coeff = coeff * weight_x[:, None] * weight_y[None, :]  # inverse DCT-II: these weights, then d^T
     u = d_x.T @ (coeff[:, None] * decay) @ d_y  # (B, T, H, W); decay is (T, H, W)
     return u.unsqueeze(-1)  # (B, T, H, W, 1)
 
@@ -505,14 +477,12 @@ def solve_heat(u0, t, *, diffusivity=0.1, length=2.0):
 # ---------------------------------------------------------------- wave
 def solve_wave(u0, v0, t, *, speed=1.0 / 16, length=2.0):
     """d2u/dt2 = c^2 Lap u on the periodic square [0, length)^2, state (u, v = du/dt).
-
     u0, v0 (B, H, W), t (T,) -> (B, T, H, W, 2) with channels (u, du/dt). Exact in time: each
     Fourier mode with wavenumber |k| turns (u_k, v_k) at the frequency omega = c|k|:
         u_k(t) = u_k cos(omega t) + v_k sin(omega t) / omega,
         v_k(t) = -omega u_k sin(omega t) + v_k cos(omega t)
     (omega = 0: u_k + v_k t). Spectral in space, so the energy 1/2 int v^2 + c^2 |grad u|^2 is
-    conserved to rounding.
-    """
+    conserved to rounding."""
     b, h, w = u0.shape
     opts = dict(dtype=u0.dtype, device=u0.device)
     t = torch.as_tensor(t, **opts)[:, None, None]  # (T, 1, 1)
@@ -576,8 +546,7 @@ def ns_advection_and_rate(w_h, ops):
     """ns_advection and each trajectory's Courant rate, the rate from the velocity the advection
     computes anyway (no extra transform): w_h (B, H, W//2+1) -> AdvectionAndRate."""
     advection, u, v = _ns_advection_and_velocity(w_h, ops)
-    rate = (u.abs() + v.abs()).amax(dim=(-2, -1)) * ops.k_max
-    return AdvectionAndRate(advection=advection, rate=rate)
+    return AdvectionAndRate(advection, rate=(u.abs() + v.abs()).amax(dim=(-2, -1)) * ops.k_max)
 
 
 def _ns_advection_and_velocity(w_h, ops):
@@ -588,11 +557,10 @@ def _ns_advection_and_velocity(w_h, ops):
 
 
 def _ifrk4_step(w_h, dt_b, ops, *, viscosity, f_h):
-    """One Lawson integrating-factor RK4 step of w_h' = -nu |k|^2 w_h + N(w_h); dt_b (B, 1, 1) is
-    each trajectory's step dt.
-
-    With E = exp(-nu |k|^2 dt / 2) the substitution z = exp(nu |k|^2 t) w_h removes the stiff term
-    and classical RK4 is applied to z: fourth order, viscosity exact (any |k| is stable)."""
+    """One Lawson integrating-factor RK4 step of w_h' = -nu |k|^2 w_h + N(w_h), dt_b (B, 1, 1)
+    each trajectory's step dt. With E = exp(-nu |k|^2 dt / 2) the substitution
+    z = exp(nu |k|^2 t) w_h removes the stiff term and classical RK4 is applied to z: fourth
+    order, viscosity exact (any |k| is stable)."""
     e = torch.exp(-viscosity * ops.lap * dt_b / 2)  # (B, H, W//2+1), half-step factor
     e[..., 0, 0] = 1.0  # lap holds 1 at k = 0 only for the Poisson solve; the mean does not decay
     first = ns_advection_and_rate(w_h, ops)
@@ -606,19 +574,18 @@ def _ifrk4_step(w_h, dt_b, ops, *, viscosity, f_h):
 
 def solve_navier_stokes(w0, t, *, viscosity=1e-3, forcing=None, dt=None, cfl=2.0, max_cfl=2.6,
                         max_halvings=4):
-    """2D incompressible Navier-Stokes (vorticity) on the periodic [0, 1)^2, pseudo-spectral.
-
+    """2D incompressible Navier-Stokes in vorticity form on the periodic [0, 1)^2,
+        dw/dt + u . grad w = nu Lap w + f,   u = (d psi/dy, -d psi/dx),   -Lap psi = w:
+    pseudo-spectral (2/3 de-aliasing), Lawson IF-RK4: order 4 in time, spectral in space.
     w0 (B, H, W) vorticity, t (T,) non-decreasing output times >= 0 -> (B, T, H, W, 1).
-    forcing: (H, W) tensor or None (= no forcing; use ns_forcing(n) for the paper's).
-    Time step: dt=None picks, per trajectory and per output interval, the largest step with
-    Courant number dt * max(|u| + |v|) * k_max <= cfl (k_max the largest de-aliased wavenumber;
-    RK4 is stable up to 2.83 on the imaginary axis). If a step then exceeds max_cfl or produces a
-    non-finite value, that trajectory's interval is redone with half the step (up to max_halvings
-    times) before a RuntimeError. A fixed dt (for convergence studies) is refused with a
-    ValueError when it exceeds max_cfl. Each trajectory's steps depend on it alone, so a
-    trajectory does not change with the batch it is computed in.
-    Order: 4 in time (Lawson IF-RK4), spectral in space.
-    """
+    forcing: (H, W) tensor or None (= no forcing; use ns_forcing(n) for the paper's). Time step:
+    dt=None picks, per trajectory and per output interval, the largest step with Courant number
+    dt * max(|u| + |v|) * k_max <= cfl (k_max the largest de-aliased wavenumber; RK4 is stable up
+    to 2.83 on the imaginary axis). If a step then exceeds max_cfl or produces a non-finite value,
+    that trajectory's interval is redone with half the step (up to max_halvings times) before a
+    RuntimeError. A fixed dt (for convergence studies) is refused with a ValueError when it
+    exceeds max_cfl. Each trajectory's steps depend on it alone, so a trajectory does not change
+    with the batch it is computed in."""
     b, nx, ny = w0.shape
     opts = dict(dtype=w0.dtype, device=w0.device)
     if not torch.isfinite(w0).all():
@@ -629,15 +596,13 @@ def solve_navier_stokes(w0, t, *, viscosity=1e-3, forcing=None, dt=None, cfl=2.0
     if dt is not None and dt <= 0:
         raise ValueError(f"dt must be positive or None, got {dt}")
     ops = spectral_ops(nx, ny, **opts)
-    f_h = torch.zeros(nx, ny // 2 + 1, dtype=torch.fft.rfft2(w0[:1]).dtype, device=w0.device)
-    if forcing is not None:
-        f_h = torch.fft.rfft2(torch.as_tensor(forcing, **opts))
+    f_h = (torch.fft.rfft2(torch.as_tensor(forcing, **opts)) if forcing is not None else
+           torch.zeros(nx, ny // 2 + 1, dtype=torch.fft.rfft2(w0[:1]).dtype, device=w0.device))
     w_h, now, frames = torch.fft.rfft2(w0), 0.0, []
     for target in t:
-        span = target - now
-        if span > 0:
-            w_h = _ns_interval(w_h, span, ops, viscosity=viscosity, f_h=f_h, dt=dt, cfl=cfl,
-                               max_cfl=max_cfl, max_halvings=max_halvings)
+        if target > now:
+            w_h = _ns_interval(w_h, target - now, ops, viscosity=viscosity, f_h=f_h, dt=dt,
+                               cfl=cfl, max_cfl=max_cfl, max_halvings=max_halvings)
         now = target
         frames.append(torch.fft.irfft2(w_h, s=(nx, ny)))
     return torch.stack(frames, dim=1).unsqueeze(-1)  # (B, T, H, W, 1)
@@ -645,12 +610,9 @@ def solve_navier_stokes(w0, t, *, viscosity=1e-3, forcing=None, dt=None, cfl=2.0
 
 def _ns_interval(w_h, span, ops, *, viscosity, f_h, dt, cfl, max_cfl, max_halvings):
     """Advance every trajectory by `span`, each with its own number of equal steps."""
-    b = w_h.shape[0]
-    if dt is None:  # per-trajectory Courant bound from the state at the start of the interval
-        rate = ns_advection_and_rate(w_h, ops).rate  # (B,)
-        steps = torch.ceil(span * rate / cfl).clamp_min(1)
-    else:
-        steps = torch.full((b,), math.ceil(span / dt - 1e-9), dtype=torch.float64)
+    b = w_h.shape[0]  # dt=None: steps from each trajectory's Courant bound at the interval's start
+    steps = (torch.ceil(span * ns_advection_and_rate(w_h, ops).rate / cfl).clamp_min(1)
+             if dt is None else torch.full((b,), math.ceil(span / dt - 1e-9), dtype=torch.float64))
     steps = steps.to(torch.float64).cpu()
     for attempt in range(max_halvings + 1):
         steps_dev = steps.to(w_h.device)
@@ -661,8 +623,7 @@ def _ns_interval(w_h, span, ops, *, viscosity, f_h, dt, cfl, max_cfl, max_halvin
             new, courant = _ifrk4_step(state, dt_b, ops, viscosity=viscosity, f_h=f_h)
             state = torch.where(active[:, None, None], new, state)
             worst = torch.maximum(worst, torch.where(active, courant, 0.0))  # NaN propagates
-        bad = ~(worst <= max_cfl) | ~torch.isfinite(state).all(dim=(-2, -1))  # (B,) on device
-        bad = bad.cpu()
+        bad = (~(worst <= max_cfl) | ~torch.isfinite(state).all(dim=(-2, -1))).cpu()  # (B,)
         if not bad.any():
             return state
         if dt is not None:
@@ -675,15 +636,13 @@ def _ns_interval(w_h, span, ops, *, viscosity, f_h, dt, cfl, max_cfl, max_halvin
 
 
 # ---------------------------------------------------------------- the dataset makers
-def in_batches(make_batch, indices, *, batch, label="", verbose=False, device="cpu",
-               bytes_each=0):
+def in_batches(make_batch, indices, *, batch, label="", verbose=False, device="cpu", bytes_each=0):
     """Concatenate make_batch(indices[i:i + batch]) over consecutive batches (dim 0), on the CPU.
-
-    Each trajectory depends on its index only, so batching changes speed, never results. On a
-    CPU, small batches keep the working set in cache, and we run single-threaded: these 64x64
-    transforms are too small to share between threads, and on a busy machine threads waiting for
-    each other made generation much slower (measured). On a GPU, batches as large as its free
-    memory allows: GPU_SLACK times `bytes_each` (one trajectory's output) per trajectory."""
+    Each trajectory depends on its index only, so batching changes speed, never results. On a CPU,
+    small batches keep the working set in cache, and we run single-threaded: these 64x64 transforms
+    are too small to share between threads, and on a busy machine threads waiting for each other
+    made generation much slower (measured). On a GPU, batches as large as its free memory allows:
+    GPU_SLACK times `bytes_each` (one trajectory's output) per trajectory."""
     if device.startswith("cuda") and bytes_each:
         batch = max(batch, int(torch.cuda.mem_get_info(device)[0] // (GPU_SLACK * bytes_each)))
     indices, out, start = list(indices), [], time.time()
@@ -702,8 +661,7 @@ def in_batches(make_batch, indices, *, batch, label="", verbose=False, device="c
     return torch.cat(out)
 
 
-GPU_SLACK = 40  # working memory of a dataset maker per byte of its output (generous: the solvers'
-# transforms hold a few dozen fields of a frame's size at once)
+GPU_SLACK = 40  # dataset makers' memory per output byte (generous: a few dozen frame-sized fields)
 
 
 def make_heat(split, indices, size, *, diffusivity=0.1, n_frames=40, spacing=0.25, verbose=False,
@@ -755,7 +713,6 @@ def make_navier_stokes(split, indices, size, *, viscosity=1e-3, spin_up=30.0, n_
                        spacing=1.0, dtype=torch.float32, verbose=False, device="cpu"):
     """(n, n_frames, size, size, 1): GRF(alpha 2.5, tau 7) vorticity on 64x64, spun up for
     `spin_up` time units under the paper's forcing, then one frame every `spacing`.
-
     float32 by default: faster than float64 on a CPU; the round-off it adds, grown by the flow,
     is ~1e-5..1e-4 relative at t = 69 against float64 (measured), below the first-order official
     scheme's own error over 2 time units (1e-4)."""
@@ -777,20 +734,17 @@ def make_navier_stokes(split, indices, size, *, viscosity=1e-3, spin_up=30.0, n_
 #   d(h)/dt     = -H delta - div(h u)                         - nu Lap^2 h
 # with h the height deviation from the mean depth H, f = 2 Omega sin(lat) (or any 2-D field) and
 # u = k x grad(psi) + grad(chi), Lap psi = zeta, Lap chi = delta.
-# Why vorticity-divergence and not the vector form: the state is three SCALAR fields, so one
-# scalar spherical-harmonic transform (plus its derivative table) does everything, and gravity
-# waves plus hyperdiffusion become a 2x2 linear system per degree l, solved in closed form. The
-# vector form would need spin-weighted (vector) harmonics for u.
+# Why not the vector form (it needs spin-weighted harmonics for u): here the state is three SCALAR
+# fields, so one scalar spherical-harmonic transform (plus its derivative table) does everything,
+# and gravity waves plus hyperdiffusion become a 2x2 linear system per degree l, in closed form.
 # The hyperdiffusion is nu Lap^2 applied to the VELOCITY vector (the rough / connection Laplacian,
 # as Dedalus's lap(lap(u))), which acts on curl and divergence as (Lap + 1/R^2)^2; on h, nu Lap^2.
-#
-# Spectral transform method: Gauss-Legendre latitudes, equispaced longitudes (nlon = 2 nlat), real
-# FFT in longitude, fully normalised associated Legendre functions by the standard three-term
-# recurrence in float64, triangular truncation l <= lmax = nlat - 1. Products are formed on a
-# 3/2-padded grid (no aliasing of quadratic terms), as Dedalus does.
-# Time stepping: IMEX RK222 (Ascher, Ruuth & Spiteri 1997, the scheme Dedalus calls RK222), second
-# order; gravity waves and hyperdiffusion implicit, advection and Coriolis explicit. Stable at
-# dt = 600 s at 256x128 (the explicit part is limited by advection, |u| dt / dx ~ 0.4).
+# Spectral transform: Gauss-Legendre latitudes, equispaced longitudes (nlon = 2 nlat), real FFT in
+# longitude, fully normalised associated Legendre functions by the standard three-term recurrence in
+# float64, triangular truncation l <= lmax = nlat - 1; products on a 3/2-padded grid (no aliasing of
+# quadratic terms), as Dedalus. Time stepping: IMEX RK222 (Ascher, Ruuth & Spiteri 1997, Dedalus's
+# RK222), second order; gravity waves and hyperdiffusion implicit, advection and Coriolis explicit.
+# Stable at dt = 600 s at 256x128 (the explicit part is limited by advection, |u| dt / dx ~ 0.4).
 
 # SPHERE_RADIUS, SPHERE_HYPERDIFFUSION and SPHERE_DATA_NLAT stand beside the SPECS table (top).
 SPHERE_OMEGA = 7.292e-5            # 1/s
@@ -807,12 +761,10 @@ def sphere_gauss_latitudes(nlat):
 
 
 def sphere_legendre(lmax, mu):
-    """Fully normalised associated Legendre functions and their (1 - mu^2) d/dmu, float64 numpy.
-
+    """Fully normalised associated Legendre functions and their (1 - mu^2) d/dmu, float64 numpy:
     P[m, l, j] = Pbar_l^m(mu_j) with int_{-1}^{1} Pbar^2 dmu = 1 (no Condon-Shortley phase),
     H[m, l, j] = (1 - mu_j^2) dPbar_l^m/dmu (mu_j), both (lmax+1, lmax+1, len(mu)), 0 for l < m.
-    Recurrence in l at fixed m (stable; starts from the sectoral Pbar_m^m), so no factorials appear.
-    """
+    Recurrence in l at fixed m (stable; from the sectoral Pbar_m^m), so no factorials appear."""
     mu = np.asarray(mu, dtype=np.float64)
     n_degrees = lmax + 2             # one extra degree: H_l needs Pbar_{l+1}
     sin_colat = np.sqrt(1.0 - mu**2)
@@ -831,8 +783,7 @@ def sphere_legendre(lmax, mu):
         b = np.sqrt(np.clip(b2, 0, None))
         prev2 = P[: m.size, l - 2] if l >= 2 else 0.0
         P[: m.size, l] = a * (mu * P[: m.size, l - 1] - b * prev2)
-    l = np.arange(n_degrees, dtype=np.float64)[None, :]
-    m = ms[:, None]
+    l, m = np.arange(n_degrees, dtype=np.float64)[None, :], ms[:, None]
     # eps (m, l): mu P_l = eps_{l+1} P_{l+1} + eps_l P_{l-1}
     eps = np.sqrt(np.clip((l * l - m * m) / (4.0 * l * l - 1.0), 0, None))
     H = np.zeros((lmax + 1, lmax + 1, mu.size))
@@ -844,13 +795,11 @@ def sphere_legendre(lmax, mu):
 
 
 class SphereTransform:
-    """Spherical-harmonic transform between a (.., nlat, nlon) grid and (.., M, L) coefficients.
-
-    Coefficients c[.., m, l] (complex, 0 <= m <= l <= lmax, zero for l < m) of a REAL field
+    """Spherical-harmonic transform between a (.., nlat, nlon) grid and (.., M, L) coefficients:
+    c[.., m, l] (complex, 0 <= m <= l <= lmax, zero for l < m) of a REAL field
     f(lon, mu) = sum_{m=-lmax}^{lmax} sum_l c_lm Pbar_l^m(mu) e^{i m lon}, c_{l,-m} = conj(c_lm).
     Default grid: nlat Gauss latitudes (north to south) and nlon equispaced longitudes from 0.
-    `mu` evaluates on other latitudes (then only the grid direction `to_grid` is available).
-    """
+    `mu` evaluates on other latitudes (then only the grid direction `to_grid` is available)."""
 
     def __init__(self, lmax, nlat, nlon=None, *, mu=None, device="cpu"):
         nlon = 2 * nlat if nlon is None else nlon
@@ -864,13 +813,11 @@ class SphereTransform:
         else:
             mu = np.asarray(mu, dtype=np.float64)
             self.weights = None
-        P, H = sphere_legendre(lmax, mu)
+        self.P, self.H = [torch.tensor(a, device=device) for a in sphere_legendre(lmax, mu)]
         self.lmax, self.nlat, self.nlon = lmax, mu.size, nlon
         self.mu = torch.tensor(mu, device=device)                           # (nlat,) sin(lat)
         self.cos_lat = torch.sqrt(1.0 - self.mu**2)                         # (nlat,)
         self.lon = torch.arange(nlon, device=device, dtype=torch.float64) * (2 * math.pi / nlon)
-        self.P = torch.tensor(P, device=device)                             # (M, L, nlat)
-        self.H = torch.tensor(H, device=device)                             # (M, L, nlat)
         self.m = torch.arange(lmax + 1, device=device, dtype=torch.float64)  # (M,)
         self.l = torch.arange(lmax + 1, device=device, dtype=torch.float64)  # (L,)
 
@@ -900,21 +847,18 @@ class SphereTransform:
         if tuple(f.shape[-2:]) != (self.nlat, self.nlon):
             raise ValueError(f"grid shape {tuple(f.shape)}: "
                              f"expected (..., {self.nlat}, {self.nlon})")
-        lead = f.shape[:-2]
         F = self.fourier_forward(f.reshape(-1, *f.shape[-2:]))
-        return self.legendre_forward(F, self.P).reshape(*lead, self.lmax + 1, self.lmax + 1)
+        return self.legendre_forward(F, self.P).reshape(*f.shape[:-2], self.lmax + 1, self.lmax + 1)
 
     def to_grid(self, c):
-        lead = c.shape[:-2]
         F = self.legendre_inverse(c.reshape(-1, *c.shape[-2:]), self.P)
-        return self.fourier_inverse(F).reshape(*lead, self.nlat, self.nlon)
+        return self.fourier_inverse(F).reshape(*c.shape[:-2], self.nlat, self.nlon)
 
     # -- vector fields (u eastward, v northward) <-> curl and divergence
     def curl_div(self, u, v, radius=SPHERE_RADIUS):
-        """(.., nlat, nlon) velocity -> (curl, div) coefficients, each (.., M, L).
-
-        With U = u cos(lat): div_lm = 1/R sum_j w_j [i m U_m Pbar - V_m H] / (1 - mu_j^2), curl
-        alike (the mu-derivative moved onto Pbar by parts, so the poles never enter)."""
+        """(.., nlat, nlon) velocity -> (curl, div) coefficients, each (.., M, L). With
+        U = u cos(lat): div_lm = 1/R sum_j w_j [i m U_m Pbar - V_m H] / (1 - mu_j^2), curl alike
+        (the mu-derivative moved onto Pbar by parts, so the poles never enter)."""
         lead = u.shape[:-2]
         n = u[..., 0, 0].numel()
         uv = torch.stack([u, v]).reshape(2 * n, *u.shape[-2:]) / self.cos_lat[:, None]
@@ -951,12 +895,10 @@ def sphere_inverse_laplacian(l, radius=SPHERE_RADIUS):
 class SphereShallowWater:
     """Batched spectral-transform shallow-water solver; state x: (B, 3, M, L) complex128
     coefficients of (relative vorticity [1/s], divergence [1/s], height deviation h' [m]).
-
     nlat Gauss latitudes x 2 nlat longitudes (the physical grid `self.grid`), lmax = nlat - 1,
     products on the 3/2-padded grid `self.pad`. coriolis_tilt alpha tilts the rotation axis to
     lon = 0 (Williamson case 2): f = 2 Omega (sin(lat) cos(alpha) - cos(lon) cos(lat) sin(alpha)).
-    Use: x = sphere_galewsky_state(solver); x = solver.advance(x, steps); solver.vorticity(x).
-    """
+    Use: x = sphere_galewsky_state(solver); x = solver.advance(x, steps); solver.vorticity(x)."""
 
     def __init__(self, nlat=SPHERE_DATA_NLAT, *, dt=600.0, hyperdiffusion=SPHERE_HYPERDIFFUSION,
                  radius=SPHERE_RADIUS, omega=SPHERE_OMEGA, gravity=SPHERE_GRAVITY,
@@ -1001,8 +943,7 @@ class SphereShallowWater:
         curl_q = (im * cP[B: 2 * B] + cH[:B]) / R                         # curl((zeta + f) u)
         div_h = (im * cP[2 * B: 3 * B] - cH[3 * B: 4 * B]) / R            # div(h u)
         kinetic = cP[4 * B:]                                              # |u|^2 / 2
-        out = torch.stack([-div_q, curl_q + self.lap * kinetic, -div_h], dim=1)
-        return out * self.triangle
+        return torch.stack([-div_q, curl_q + self.lap * kinetic, -div_h], dim=1) * self.triangle
 
     # -- implicit part: gravity waves and hyperdiffusion, diagonal in l
     def linear(self, x):
@@ -1022,9 +963,8 @@ class SphereShallowWater:
 
     def step(self, x):
         """One IMEX RK222 step (explicit [[0],[g],[d, 1-d]], implicit [[0],[0, g],[0, 1-g, g]])."""
-        gam = 1 - 1 / math.sqrt(2)
+        gam, dt = 1 - 1 / math.sqrt(2), self.dt
         dlt = 1 - 1 / (2 * gam)
-        dt = self.dt
         F0 = self.tendency(x)
         x1 = self.implicit_solve(x + (gam * dt) * F0, gam * dt)
         F1 = self.tendency(x1)
@@ -1066,12 +1006,10 @@ class SphereShallowWater:
 
 def sphere_galewsky_state(solver, *, u_max=80.0, bump="dedalus", mirror=False, bump_height=120.0):
     """Galewsky et al. (2004) initial state on `solver`'s grid -> (B, 3, M, L); B = len(u_max).
-
     Jet u = u_max/e_n exp(1/((lat-phi0)(lat-phi1))) on phi0 < lat < phi1, height in gradient-wind
     balance (mean deviation 0), then a height bump at 45 N. bump: 'dedalus' (longitude in [0, 2 pi),
     so only the eastern half of the bump, as the Dedalus example), 'galewsky' (longitude in
-    (-pi, pi], the full bump) or None. mirror=True adds the mirror jet and bump at 45 S (DINo data).
-    """
+    (-pi, pi], the full bump) or None. mirror=True: the mirror jet and bump at 45 S (DINo data)."""
     if bump not in ("dedalus", "galewsky", None):
         raise ValueError(f"bump={bump!r}: allowed 'dedalus', 'galewsky' or None")
     T = solver.grid
@@ -1084,7 +1022,6 @@ def sphere_galewsky_state(solver, *, u_max=80.0, bump="dedalus", mirror=False, b
         inside = (phi > phi0) & (phi < phi1)
         core = torch.where(inside, (phi - phi0) * (phi - phi1), -1.0)
         return torch.where(inside, torch.exp(1 / core) / e_n, 0.0)
-
     profile = jet(lat) + (jet(-lat) if mirror else 0.0)
     u = u_max[:, None, None] * profile[None, :, None].expand(-1, -1, T.nlon)   # (B, nlat, nlon)
     vort, div = T.curl_div(u, torch.zeros_like(u), solver.radius)
@@ -1096,16 +1033,14 @@ def sphere_galewsky_state(solver, *, u_max=80.0, bump="dedalus", mirror=False, b
         south = torch.exp(-((phi2 + lat) / beta) ** 2) if mirror else 0.0
         shape = torch.exp(-((phi2 - lat) / beta) ** 2) + south
         along_lon = torch.exp(-((lon / alpha) ** 2))
-        bump_grid = bump_height * (torch.cos(lat) * shape)[:, None] * along_lon[None, :]
-        h = h + T.to_spec(bump_grid)
+        h = h + T.to_spec(bump_height * (torch.cos(lat) * shape)[:, None] * along_lon[None, :])
     return torch.stack([vort, div, h], dim=1) * solver.triangle
 
 
-# -- The DINo `shallow-water` dataset. Every trajectory is simulated on the paper's grid (256 x
-# 128, T127, dt = 600 s) unless sim_nlat asks for a cheaper one; the returned points are always
-# points of the 256 x 128 Gauss grid: size=128 all of them, size=64 every other latitude and
-# longitude (from the northernmost latitude and longitude 0), size=32 every fourth. A band-limited
-# solution is evaluated exactly there whatever grid it was computed on.
+# -- The DINo `shallow-water` dataset: simulated on the paper's grid (256 x 128, T127, dt = 600 s)
+# unless sim_nlat asks for a cheaper one, it returns points of the 256 x 128 Gauss grid: all at
+# size 128, every other latitude and longitude (from the northernmost and longitude 0) at 64, every
+# fourth at 32, where a band-limited solution is exact whatever grid it was computed on.
 
 def sphere_output_points(nlat, nlon=None):
     """mu = sin(lat) (nlat,) and lon (nlon,) of the points a size-nlat dataset returns."""
@@ -1113,8 +1048,7 @@ def sphere_output_points(nlat, nlon=None):
     if nlon != 2 * nlat or nlat < 1 or SPHERE_DATA_NLAT % nlat:
         raise ValueError(f"grid {nlon}x{nlat}: need nlon = 2 nlat and nlat dividing "
                          f"{SPHERE_DATA_NLAT} (e.g. 128, 64, 32, 16)")
-    stride = SPHERE_DATA_NLAT // nlat
-    mu = sphere_gauss_latitudes(SPHERE_DATA_NLAT)[0][::stride]
+    mu = sphere_gauss_latitudes(SPHERE_DATA_NLAT)[0][::SPHERE_DATA_NLAT // nlat]
     return mu, np.arange(nlon) * (2 * np.pi / nlon)
 
 
@@ -1170,18 +1104,15 @@ def shallow_water_trajectories(split, indices, *, size=64, sim_nlat=SPHERE_DATA_
                                verbose=True):
     """DINo's sphere data: Galewsky jets with u_max ~ U(60, 80) m/s, mirror jet and bump at 45 S
     (one-sided bump as the Dedalus example), 1-hour frames.
-
     Returns (len(indices), hours[1] - hours[0], size, 2 size, 2) float32: frames at hours
-    hours[0] .. hours[1]-1 (default 160 .. 319, so 8 windows of 20), channels
-    (h' / R * 3000, zeta [1/hour] * 2). Trajectory i depends only on (split, indices[i]).
-    sim_nlat: simulation grid (sim_nlat x 2 sim_nlat, default 128 = the paper's); cheaper grids for
-    quick presets and tests use dt = 3600 / ceil(6 sim_nlat / 128) s and the same hyperdiffusion
-    (Dedalus's nu: e-folding 26 min at l = 127, 4 days at l = 32; scaling nu up for coarse grids
-    would damp the jet itself).
-    All trajectories advance together in one batch. threads: torch CPU threads during the run
-    (None: leave torch's setting); on a busy 2-core machine one thread per process was much faster
-    than two, so split big builds over processes.
-    """
+    hours[0] .. hours[1]-1 (default 160 .. 319, so 8 windows of 20), channels (h' / R * 3000,
+    zeta [1/hour] * 2). Trajectory i depends only on (split, indices[i]). sim_nlat: simulation
+    grid (sim_nlat x 2 sim_nlat, default 128 = the paper's); cheaper grids for quick presets and
+    tests use dt = 3600 / ceil(6 sim_nlat / 128) s and the same hyperdiffusion (Dedalus's nu:
+    e-folding 26 min at l = 127, 4 days at l = 32; scaling nu up for coarse grids would damp the
+    jet itself). All trajectories advance together in one batch. threads: torch CPU threads during
+    the run (None: leave torch's setting); on a busy 2-core machine one thread per process was
+    much faster than two, so split big builds over processes."""
     if sim_nlat < 8 or sim_nlat % 2:
         raise ValueError(f"sim_nlat={sim_nlat}: need an even number >= 8")
     if not 0 <= hours[0] < hours[1]:
@@ -1198,14 +1129,13 @@ def shallow_water_trajectories(split, indices, *, size=64, sim_nlat=SPHERE_DATA_
                                 device=device)
     nlon_eval = 2 * max(SPHERE_DATA_NLAT, sim_nlat)  # evaluate on the full longitudes, then thin
     out_grid = SphereTransform(sim_nlat - 1, mu_out.size, nlon_eval, mu=mu_out, device=device)
-    stride = nlon_eval // (2 * size)
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _sphere_run_frames(solver, out_grid, stride=stride, u_max=u_max, split=split,
-                                  size=size, hours=hours, steps_per_hour=steps_per_hour,
-                                  verbose=verbose)
+        return _sphere_run_frames(solver, out_grid, stride=nlon_eval // (2 * size), u_max=u_max,
+                                  split=split, size=size, hours=hours,
+                                  steps_per_hour=steps_per_hour, verbose=verbose)
     finally:
         torch.set_num_threads(previous_threads)
 

@@ -815,17 +815,16 @@ def resolve(args):
     if (args.pde is None) == (args.data is None):
         raise ValueError(f"give --pde or --data FILE.npz; --pde allows: {', '.join(SPECS)}")
     preset = args.preset or ("paper" if device.startswith("cuda") else "quick")
-    if args.data:
-        given = {**file_defaults(args.data, given.get("window", 20)), **given}
-    elif given.setdefault("window", SPECS[args.pde].window) != SPECS[args.pde].window:
-        raise ValueError(f"--window {given['window']}: {args.pde}'s windows have "
-                         f"{SPECS[args.pde].window} frames; --window is for --data files")
+    pde = args.pde or solvers.register_file(args.data, window=given.get("window", 20))
+    spec = SPECS[pde]
+    if given.setdefault("window", spec.window) != spec.window:
+        raise ValueError(f"--window {given['window']}: {pde}'s windows have {spec.window} frames; "
+                         f"--window is for --data files")
     label = f"preset {preset}"
     if not args.preset:
         other = "quick" if preset == "paper" else "paper"
         label += f" (the default on {device.split(':')[0].upper()}; --preset {other} for the other)"
-    base = {"paper": PAPER, "quick": QUICK}[preset]
-    cfg = replace(CONFIGS.get((args.pde, preset), base), **given)
+    cfg = replace(CONFIGS.get((pde, preset)) or own_preset(pde, preset), **given)
     name = os.path.splitext(os.path.basename(cfg.pde))[0]
     out = args.out or os.path.join("runs", f"{name}-{preset}")
     if os.path.exists(os.path.join(out, "last.pt")):
@@ -835,15 +834,16 @@ def resolve(args):
     return cfg, None, out, device, label
 
 
-def file_defaults(path, window):
-    """The settings a file of your own brings: its trajectory counts and grid, and the map of
-    its coordinates' bounding box to [0, 0.5] per axis (as the planar presets' maps)."""
-    spec = SPECS[solvers.register_file(path, window=window)]
-    coords = spec.coords(None).flatten(0, -2)                       # (N, X)
+def own_preset(pde, preset):
+    """The preset of a PDE without one in CONFIGS (your own file or solver): the quick or paper
+    sizes, its data's counts and grid, and the map of its coordinates' bounding box to [0, 0.5]
+    per axis (as the planar presets' maps)."""
+    spec = SPECS[pde]
+    coords = spec.coords(spec.sizes["train"]).flatten(0, -2)       # (N, X)
     low, span = coords.amin(0), (coords.amax(0) - coords.amin(0)).clamp_min(1e-12)
-    return dict(pde=path, n_train=spec.trajectories["train"], n_test=spec.trajectories["test"],
-                size=spec.sizes["train"], coord_shift=tuple((-low).tolist()),
-                coord_scale=tuple((0.5 / span).tolist()))
+    return replace(PAPER if preset == "paper" else QUICK, pde=pde, size=spec.sizes["train"],
+                   n_train=spec.trajectories["train"], n_test=spec.trajectories["test"],
+                   coord_shift=tuple((-low).tolist()), coord_scale=tuple((0.5 / span).tolist()))
 
 
 def resume_settings(args, given, device):
@@ -893,3 +893,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    if "LOCAL_RANK" in os.environ:  # torchrun: skip Python's shutdown, where gloo's threads, torn
+        sys.stdout.flush()          # down late, now and then abort a finished process ("terminate
+        sys.stderr.flush()          # called without an active exception"); all is written by now
+        os._exit(0)
