@@ -251,10 +251,12 @@ def free_form(model, cfg, codes, *, split, resolution, n_points, seed, n_in, dat
 # ---- pictures: the README's (from several runs), then each evaluation's GIFs and error plot
 def figures(folder, runs, *, device="cpu", data_dir="data", log=print):
     """Pictures from finished runs: learning_curves.png (test MSE In-t / Out-t of every run against
-    its epochs, from the log kept in last.pt), forecast.gif (the first planar run) and superres.png
+    its epochs, from the log kept in last.pt), between_frames.png (test relative MSE of every
+    planar run at 4 times the frame rate), forecast.gif (the first planar run) and superres.png
     (the first sphere run observed on its training grid, decoded on the twice finer grid)."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    files = ["learning_curves.png"]
+    fine_fig, fine_ax = plt.subplots(figsize=(6.4, 3.6))
+    files = ["learning_curves.png", "between_frames.png"]
     for run in runs:
         state = load_checkpoint(run)
         model, cfg = model_from_checkpoint(state, device)
@@ -268,6 +270,8 @@ def figures(folder, runs, *, device="cpu", data_dir="data", log=print):
             square = data.frames[:, part].pow(2).mean().item()          # relative MSE -> MSE
             ax.plot([h["epoch"] for h in history], [h[key] * square for h in history], marker=".",
                     label=os.path.basename(os.path.abspath(run)))
+        if spec.boundary in ("cosine", "periodic"):                      # planar: exact times
+            between_frames_curve(fine_ax, state, model, cfg, run, data_dir=data_dir, device=device)
         if spec.cut_from and "superres.png" not in files:
             files.append("superres.png")
             title = (f"{cfg.pde} {spec.channels[-1]}, t = {data.t[-1]:g} (Out-t): observed on "
@@ -285,8 +289,26 @@ def figures(folder, runs, *, device="cpu", data_dir="data", log=print):
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     _write_figure(fig, os.path.join(folder, files[0]), lambda tmp: fig.savefig(tmp, dpi=80))
+    fine_ax.axvline(9.5, color="firebrick", lw=1, label="end of the training horizon")
+    fine_ax.set(yscale="log", xlabel="t / frame spacing (dots: the frame times)",
+                ylabel="test relative MSE", title="forecasts between the frames (4 per interval)")
+    fine_ax.legend(fontsize=7)
+    fine_fig.tight_layout()
+    _write_figure(fine_fig, os.path.join(folder, files[1]),
+                  lambda tmp: fine_fig.savefig(tmp, dpi=80))
     log(f"wrote {', '.join(os.path.join(folder, f) for f in files)}")
     return files
+
+
+def between_frames_curve(ax, state, model, cfg, run, *, data_dir, device, k=4):
+    """One curve on `ax`: a run's test relative MSE per time at k times the frame rate."""
+    data, *_, pred = forecast_split(state, model, cfg, split="test", rate=cfg.subsampling,
+                                    seed=cfg.mask_seed, resolution=cfg.size, data_dir=data_dir,
+                                    device=device, time_factor=k)
+    truth = data.frames.flatten(2, 3)                                     # (B, T, N, S)
+    err = (pred - truth).pow(2).sum((0, 2, 3)) / truth.pow(2).sum((0, 2, 3))
+    ax.plot((data.t / SPECS[cfg.pde].spacing).cpu(), err.cpu(), marker="o", markersize=3,
+            markevery=k, label=f"{os.path.basename(os.path.abspath(run))} ({cfg.pde})")
 
 
 def save_frame(path, truth, pred, title):

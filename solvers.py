@@ -280,21 +280,7 @@ def register_file(path, *, window=20):
     of each inside the training horizon. ValueError naming the key and what it should be."""
     if path in SPECS and SPECS[path].window == window:
         return path
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"PK\x03\x04":            # np.savez writes a zip archive
-                raise ValueError(f"{path!r} is not an .npz file (np.savez writes one)")
-        with np.load(path, allow_pickle=False) as file:
-            arrays = {key: file[key] for key in file.files}
-    except OSError as err:
-        raise ValueError(f"{path!r} cannot be read ({err.strerror or err})") from None
-    except (EOFError, zipfile.BadZipFile) as err:
-        raise ValueError(f"{path!r} is damaged ({type(err).__name__})") from None
-    except ValueError as err:                       # numpy refuses object arrays: pickles
-        if "pickle" in str(err):
-            raise ValueError(f"{path!r} holds pickled objects: refused (loading them runs "
-                             f"code)") from None
-        raise
+    arrays = _read_npz(path)
     need = functools.partial(_file_array, path, arrays)
     frames = need("frames", (None,) * 5)
     n, steps, h, w, channels = frames.shape
@@ -325,6 +311,25 @@ def register_file(path, *, window=20):
         mask=lambda size: None if mask is None else torch.tensor(mask), window=window,
         n_in_t=window // 2, arrays={"train": frames, "test": test, "t": t[:window] - t[0]})
     return path
+
+
+def _read_npz(path):
+    """{key: array} of an .npz file, loaded without pickles; else a one-line ValueError."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":            # np.savez writes a zip archive
+                raise ValueError(f"{path!r} is not an .npz file (np.savez writes one)")
+        with np.load(path, allow_pickle=False) as file:
+            return {key: file[key] for key in file.files}
+    except OSError as err:
+        raise ValueError(f"{path!r} cannot be read ({err.strerror or err})") from None
+    except (EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path!r} is damaged ({type(err).__name__})") from None
+    except ValueError as err:                       # numpy refuses object arrays: pickles
+        if "pickle" in str(err):
+            raise ValueError(f"{path!r} holds pickled objects: refused (loading them runs "
+                             f"code)") from None
+        raise
 
 
 def _file_array(path, arrays, key, shape, kind="fiu"):

@@ -1658,7 +1658,7 @@ def test_figures_for_the_readme(tiny_run, data_dir, tmp_path):
     out, _ = tiny_run
     files = evaluate_py.main(["--figures", str(tmp_path / "figures"), str(out), str(out),
                               "--data-dir", data_dir])
-    assert files == ["learning_curves.png", "forecast.gif"]
+    assert files == ["learning_curves.png", "between_frames.png", "forecast.gif"]
     from PIL import Image
     with Image.open(tmp_path / "figures" / "forecast.gif") as gif:
         assert gif.n_frames == 20
@@ -1721,7 +1721,7 @@ def test_train_and_evaluate_on_the_sphere(tmp_path, monkeypatch):
             and m["points"]["truth"].endswith("32x16 test fields"))
     assert all(math.isfinite(v) for v in m["points"]["rel_mse"].values())
     files = evaluate_py.main(["--figures", str(tmp_path / "figures"), str(out), "--data-dir", d])
-    assert files == ["learning_curves.png", "superres.png"]
+    assert files == ["learning_curves.png", "between_frames.png", "superres.png"]
     assert sorted(os.listdir(tmp_path / "figures")) == sorted(files)
 
 
