@@ -99,7 +99,12 @@ QUICK = replace(PAPER, size=32, code_dim=32, dyn_hidden=128, batch_size=16, sche
 PLANE = dict(coord_shift=1.0, coord_scale=0.25)   # [-1, 1] -> [0, 0.5]
 CONFIGS = {
     ("navier-stokes", "paper"): PAPER,
-    ("heat", "paper"): replace(PAPER, pde="heat", **PLANE),           # no official config
+    # heat has no official config: Navier-Stokes' sizes, and teacher forcing fading 10x sooner.
+    # With the paper's eps_every 100 the restarts stay frequent for ~3,000 epochs and the dynamics
+    # learns one-step maps from learned codes: unseen windows forecast 3x (In-t) to 20x (Out-t)
+    # worse than training ones at epoch 572; eps_every 10 closes the gap (chosen on held-out
+    # training trajectories, --n-train 224 and evaluate.py --split val; README: Results).
+    ("heat", "paper"): replace(PAPER, pde="heat", **PLANE, eps_every=10),
     ("wave", "paper"): replace(PAPER, pde="wave", **PLANE, n_train=64, n_test=4, code_dim=50,
                                dyn_hidden=256, fit_steps=500),
     ("shallow-water", "paper"): replace(PAPER, pde="shallow-water", n_train=8, n_test=2,
