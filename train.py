@@ -6,16 +6,12 @@ Alg. 1 solves two problems together (the paper's Eq. 5-6):
   2. dynamics: f_psi is fitted to the learned code sequences (codes DETACHED, so the dynamics
      never bends the representation): L_dyn = |alpha_t - (alpha_0 + int_0^t f_psi(alpha) dt)|^2,
      RK4 at the frame times with scheduled restarts from the learned codes (teacher forcing).
-Adam with the paper's rates: decoder 1e-2, codes and dynamics 1e-3; each code row has its own
-Adam. The model (decoder + dynamics + the fit of alpha_0) is `autodecode.DINo`.
-
-The paper's schedule (`schedule="epoch"`): the codes step after every minibatch, the decoder and
-the dynamics once per epoch on gradients summed over its minibatches. The networks being frozen
-within an epoch, and each code row read once just before its own step, the epoch is ONE step on
-the sum of all windows' losses, each weighted by 1 / (size of its minibatch): computed so here.
-`schedule="minibatch"` steps all three every minibatch. Under torchrun each process owns a shard
-of the windows and their codes, and the network gradients are summed over processes once per
-step. Nothing inside an epoch waits for a GPU (no value read back, no index tensor copied over).
+Adam at the paper's rates: decoder 1e-2, codes (an Adam per row) and dynamics 1e-3. The paper's
+schedule, "epoch", steps the codes every minibatch and the networks once per epoch: as these are
+then frozen and each code row is read once, just before its own step, an epoch is ONE step on all
+windows' losses, each weighted by 1 / (size of its minibatch). "minibatch" steps all three every
+minibatch. Under torchrun each process owns a shard of the windows and codes, and gradients are
+summed over processes once per step. Nothing in an epoch waits for a GPU.
 
 Usage:
     python train.py --pde heat                 # quick preset on a CPU, paper on a GPU
@@ -42,9 +38,8 @@ from autodecode import CodeTable, DINo, fit_codes_closed_form
 from dynamics import epsilon_schedule, restart_mask, rk4_rollout, rollout_with_restarts
 from solvers import SPECS, check_writable, load_dataset, load_torch, observation_mask, save_torch
 
+
 # ---- configuration: one table, every PDE x preset
-
-
 def setting(default, help):
     """A Config field and its --help text (every field is also a command-line flag)."""
     return field(default=default, metadata={"help": help})
@@ -60,8 +55,7 @@ class Config:
     subsampling: float = setting(1.0, "fraction of the grid observed (paper: 0.05, 0.25, 1)")
     mask_seed: int = setting(0, "seed of that random observation mask")
     window: int = setting(20, "frames per window, half in the horizon (--data; solvers': theirs)")
-    # coordinates: the decoder sees (x + coord_shift) * coord_scale (the official code feeds
-    # planar points in [0, 0.5], the range its input_scale of 64 was tuned for)
+    # coordinates (the official code feeds planar points in [0, 0.5], where input_scale 64 is tuned)
     coord_shift: float = setting(0.0, "added to physical coordinates ...")
     coord_scale: float = setting(0.5, "... then multiplied: the decoder's input (in checkpoints)")
     # model (the official Navier-Stokes sizes)
@@ -92,18 +86,16 @@ class Config:
 
 PAPER = Config(pde="navier-stokes")     # the official Navier-Stokes settings, base of every preset
 # Quick: small grids, fewer trajectories, smaller nets, every minibatch steps everything, codes at
-# 3e-3 (README: per-row Adam). Planar [-1, 1] domains map to [0, 0.5] like the official [0, 1)
-# ones; the sphere's xyz are scaled by 0.5 (quick preset: better than 0.25, 1 and 2).
+# 3e-3 (README: per-row Adam). The sphere's xyz are scaled by 0.5 (better than 0.25, 1 and 2).
 QUICK = replace(PAPER, size=32, code_dim=32, dyn_hidden=128, batch_size=16, schedule="minibatch",
                 fit_steps=200, lr_codes=3e-3)
-PLANE = dict(coord_shift=1.0, coord_scale=0.25)   # [-1, 1] -> [0, 0.5]
+PLANE = dict(coord_shift=1.0, coord_scale=0.25)   # [-1, 1] -> [0, 0.5], as the official [0, 1)
 CONFIGS = {
     ("navier-stokes", "paper"): PAPER,
-    # heat has no official config: Navier-Stokes' sizes, and teacher forcing fading 10x sooner.
-    # With the paper's eps_every 100 the restarts stay frequent for ~3,000 epochs and the dynamics
-    # learns one-step maps from learned codes: unseen windows forecast 3x (In-t) to 20x (Out-t)
-    # worse than training ones at epoch 572; eps_every 10 closes the gap (chosen on held-out
-    # training trajectories, --n-train 224 and evaluate.py --split val; README: Results).
+    # heat has no official config: Navier-Stokes' sizes, teacher forcing fading 10x sooner. With
+    # eps_every 100, restarts stay frequent ~3,000 epochs, the dynamics learns one-step maps and
+    # unseen windows forecast 3x (In-t) to 20x (Out-t) worse than training ones at epoch 572;
+    # eps_every 10 closes the gap (held-out trajectories: --n-train 224, evaluate.py --split val).
     ("heat", "paper"): replace(PAPER, pde="heat", **PLANE, eps_every=10),
     ("wave", "paper"): replace(PAPER, pde="wave", **PLANE, n_train=64, n_test=4, code_dim=50,
                                dyn_hidden=256, fit_steps=500),
@@ -118,16 +110,15 @@ CONFIGS = {
                                         batch_size=8, epochs=3000),
 }
 PRESETS, SCHEDULES, FITS = ("quick", "paper"), ("epoch", "minibatch"), ("closed-form", "adam")
-RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)   # candidate ridge weights of the closed-form fit
+RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)   # tried by the closed-form fit (README: why)
 AT_LEAST_1 = ("n_train", "n_test", "code_dim", "layers", "dyn_hidden", "batch_size", "eps_every",
               "eval_every")
 RULES = {  # field -> (test, what is allowed); every float must also be finite
     **{name: (lambda v, c=choices: v in c, ", ".join(choices))
        for name, choices in (("pde", SPECS), ("schedule", SCHEDULES), ("fit", FITS))},
     "subsampling": (lambda v: 0 < v <= 1, "(0, 1]"), "size": (lambda v: v >= 4, ">= 4"),
-    "window": (lambda v: v >= 2, ">= 2"),
+    "window": (lambda v: v >= 2, ">= 2"), "coord_scale": (lambda v: v != 0, "non-zero"),
     "hidden": (lambda v: v >= 2 and v % 2 == 0, "even, >= 2"),
-    "coord_scale": (lambda v: v != 0, "non-zero"),
     "eps_start": (lambda v: 0 <= v <= 1, "[0, 1]"), "eps_decay": (lambda v: 0 < v <= 1, "(0, 1]"),
     "eps_floor": (lambda v: 0 <= v < 1, "[0, 1)"),
     **{name: (lambda v: v >= 0, ">= 0") for name in ("epochs", "fit_steps", "seed", "mask_seed")},
@@ -152,23 +143,18 @@ def build_model(cfg, *, coord_dim, n_channels):
     """The DINo (autodecode.py) that `cfg` describes, freshly initialised."""
     return DINo(coord_dim=coord_dim, n_channels=n_channels, code_dim=cfg.code_dim,
                 hidden=cfg.hidden, layers=cfg.layers, input_scale=cfg.input_scale,
-                dyn_hidden=cfg.dyn_hidden, coord_shift=cfg.coord_shift,
-                coord_scale=cfg.coord_scale, fit=cfg.fit, fit_steps=cfg.fit_steps,
-                fit_lr=cfg.fit_lr)
+                dyn_hidden=cfg.dyn_hidden, coord_shift=cfg.coord_shift, coord_scale=cfg.coord_scale,
+                fit=cfg.fit, fit_steps=cfg.fit_steps, fit_lr=cfg.fit_lr)
 
 
 # ---- one training step of Alg. 1: both problems, on any set of windows
-
-
 def train_step(run, rows, weight, restart):
     """One optimiser step on this process's windows `rows` (R,): each window's L_dec + L_dyn,
-    times weight (R,), summed; restart (R, T-1) the teacher-forcing draws. The code rows step at
-    once, each with its own Adam; the networks after their gradients are summed over processes.
-    In chunks of windows only where memory needs it (run.chunk). All on the device: the chunks
-    are slices (no index tensor to copy over) and the losses stay in run.loss_sums."""
+    times weight (R,), summed; restart (R, T-1) the teacher-forcing draws. The code rows and the
+    networks (their gradients summed over processes) step once; the losses stay on the device."""
     run.flat_grad.zero_()                                          # every .grad is a view of it
-    for lo in range(0, len(rows), run.chunk):
-        part = slice(lo, lo + run.chunk)
+    for lo in range(0, len(rows), run.chunk):                      # chunks if memory needs them
+        part = slice(lo, lo + run.chunk)                           # no index tensor to copy over
         ids, w = rows[part], weight[part]
         codes = run.codes(ids).requires_grad_()                    # (R, T, S, D)
         pred = run.model.decoder(run.coords, codes)                # (R, T, N_obs, S)
@@ -178,7 +164,7 @@ def train_step(run, rows, weight, restart):
         path = rollout_with_restarts(run.model.dynamics, target, run.t, restart[part])
         loss_dyn = (path - target).pow(2).mean(dim=(1, 2, 3))      # (R,)
         ((loss_dec + loss_dyn) * w).sum().backward()               # two graphs, one backward
-        run.codes.step(ids, codes.grad)
+        run.codes.step(ids, codes.grad)                            # an Adam per row, at once
         run.loss_sums += torch.stack([(loss_dec * w).sum(), (loss_dyn * w).sum()]).detach()
     run.group.sum_(run.flat_grad)                                  # one all-reduce (SUM)
     run.optimiser.step()
@@ -186,8 +172,7 @@ def train_step(run, rows, weight, restart):
 
 @dataclass
 class EpochPlan:
-    """What one epoch does, drawn at its start from the run's CPU generator: the same draws on
-    every device and in every process, so any number of processes computes the same epoch."""
+    """An epoch's draws, from the CPU generator: the same on any device and number of processes."""
     rows: torch.Tensor          # (R,) this process's windows (local rows) in the order they step
     weight: torch.Tensor        # (R,) loss weight: 1 / (windows in its minibatch, all processes)
     restart: torch.Tensor       # (R, T-1) bool teacher-forcing restarts
@@ -228,13 +213,10 @@ def epsilon(cfg, iteration):
 
 
 # ---- the loop: Alg. 1, with an evaluation and a checkpoint every eval_every iterations
-
-
 def train(cfg, *, out, device="cpu", minutes=None, resume=None, data_dir="data", label="",
           log=print):
-    """Train DINo with `cfg` into folder `out` (under torchrun: with the other processes).
-    resume: a checkpoint dict to continue exactly (written on any device, by any number of
-    processes). Returns the Progress, `stopped` saying why: 'epochs', 'minutes' or a signal."""
+    """Train DINo with `cfg` into `out`, or continue exactly the checkpoint dict `resume` (from any
+    device and number of processes). The Progress; `stopped`: 'epochs', 'minutes' or a signal."""
     check_config(cfg)
     run = setup(cfg, device=device, data_dir=data_dir)
     progress = Progress(rng=run.generator.get_state()) if resume is None else restore(run, resume)
@@ -249,7 +231,8 @@ def train(cfg, *, out, device="cpu", minutes=None, resume=None, data_dir="data",
                     say(summary(run, label, clock, progress))
                 if crossed:
                     evaluate_and_save(run, progress, say=say, out=out, clock=clock)
-                if progress.stop(run.group.agree_stop(asked, clock, crossed)):
+                progress.stopped = run.group.agree_stop(asked, clock, crossed)
+                if progress.stopped:
                     break
     if clock.ends and not clock.said:                              # a session of a single step
         say(summary(run, label, clock, progress))
@@ -288,15 +271,8 @@ class Progress:
             self.epoch, self.step, self.rng = self.epoch + 1, 0, generator.get_state()
         return self.iteration // eval_every > before // eval_every
 
-    def stop(self, reason):
-        self.stopped = reason
-        return reason is not None
 
-
-# ---- evaluation during training: train (selection), ridge (fit), test (report only). Every
-# number is computed on the device and read back ONCE per evaluation.
-
-
+# ---- evaluation: train (selection), ridge (fit), test (report only); on the device, read ONCE
 def squared_sums(pred, truth):
     """(sum of squared errors, sum of squared truth), (2,): their ratio is the relative MSE."""
     return torch.stack([(pred - truth).pow(2).sum(), truth.pow(2).sum()])
@@ -309,17 +285,14 @@ def relative_mse(pred, truth):
 
 
 def forecast_sums(run, alpha0):
-    """alpha0 (K, R, S, D): K sets of starting codes of this process's training windows -> (K, 2)
-    squared_sums of their forecasts over the training horizon at the observed points, all K
-    integrated in one batch."""
+    """alpha0 (K, R, S, D) -> (K, 2): squared_sums of K forecasts of training windows, batched."""
     codes = rk4_rollout(run.model.dynamics, alpha0.flatten(0, 1), run.t)   # (K R, T_in, S, D)
     codes = codes.unflatten(0, alpha0.shape[:2])
     return torch.stack([squared_sums(run.model.decode(run.points, c), run.values) for c in codes])
 
 
 def test_sums(run):
-    """(4,): squared_sums In-t, then Out-t, of every test window forecast from its frame 0
-    (observed points) and decoded on the full grid: reported, never used for selection."""
+    """(4,): squared_sums In-t, Out-t of the test windows forecast from frame 0 (full grid)."""
     test, n = run.test, run.test.n_in_t
     truth = test.frames.flatten(2, 3)                                     # (B, T, N, S)
     points = test.coords.flatten(0, 1)                                    # (N, X)
@@ -331,12 +304,9 @@ def test_sums(run):
 
 
 def measure(run):
-    """The evaluation's numbers on the device, summed over processes: loss sums (2), train In-t
-    (2: the forecast from the LEARNED alpha_0 selects best.pt), a non-finite flag, then with the
-    closed-form fit the chosen ridge, and test In-t and Out-t (4, process 0 only). The ridge: of
-    RIDGES, the one whose alpha_0, fitted to frame 0 of every training window, forecasts the
-    training horizon best (training data only; README: why the fit needs a ridge); it is chosen
-    on the device and stored in the model."""
+    """The evaluation's numbers, on the device and summed over processes: loss sums (2), train
+    In-t of the LEARNED alpha_0 (2, selects best.pt), a non-finite flag, with the closed-form fit
+    the ridge chosen on training data (set in the model), then test In-t, Out-t (4, process 0)."""
     state = [p.detach().sum() for p in run.model.parameters()]
     state = torch.stack(state + [run.loss_sums.sum(), run.codes.weight.sum()])
     starts = [run.codes.codes[:, 0]]                                # (R, S, D) each
@@ -356,43 +326,37 @@ def measure(run):
 
 
 def evaluate_and_save(run, progress, *, say, out, clock):
-    """The metrics and one log line, then last.pt (and best.pt when train In-t improved). A
-    non-finite loss, parameter or metric stops the run (NonFiniteLoss) before anything is saved."""
-    cfg, n = run.cfg, max(progress.summed, 1)
+    """The metrics and a log line, then last.pt (and best.pt when train In-t improved)."""
+    cfg, n, rank_0 = run.cfg, max(progress.summed, 1), run.group.rank == 0
     with torch.no_grad():
         values = measure(run).tolist()                             # the evaluation's one read
-    agreed = values[:-4]                                           # the same in every process
+    agreed, test = values[:-4], values[-4:]                        # agreed: equal in every process
     if not all(map(math.isfinite, agreed)) or agreed[4]:
         raise NonFiniteLoss(f"at epoch {progress.epoch}, iteration {progress.iteration}")
-    test = values[-4:]
     entry = {"epoch": progress.epoch, "iteration": progress.iteration,
              "epsilon": epsilon(cfg, progress.iteration), "loss_dec": values[0] / n,
              "loss_dyn": values[1] / n, "train_in_t": values[2] / max(values[3], 1e-30),
-             "test_in_t": None, "test_out_t": None}
+             "test_in_t": test[0] / max(test[1], 1e-30) if rank_0 else None,
+             "test_out_t": test[2] / max(test[3], 1e-30) if rank_0 else None}
     if cfg.fit == "closed-form":
         entry["ridge"] = values[5]
-    if run.group.rank == 0:
-        entry["test_in_t"] = test[0] / max(test[1], 1e-30)
-        entry["test_out_t"] = test[2] / max(test[3], 1e-30)
     run.loss_sums.zero_()
     progress.summed = 0
     entry["elapsed"] = progress.elapsed = clock.elapsed()
     eta = clock.eta(progress, cfg.epochs * run.iterations_per_epoch)
+    ridge = f" | ridge {entry['ridge']:.0e}" if "ridge" in entry else ""
     say(f"epoch {entry['epoch']} | iter {entry['iteration']} | eps {entry['epsilon']:.3f} | "
         f"dec {entry['loss_dec']:.2e} | dyn {entry['loss_dyn']:.2e} | train In-t "
         f"{entry['train_in_t']:.2e} | test In-t {entry['test_in_t'] or 0:.2e} Out-t "
-        f"{entry['test_out_t'] or 0:.2e}"
-        + (f" | ridge {entry['ridge']:.0e}" if "ridge" in entry else "")
-        + f" | {hms(entry['elapsed'])} | ETA {hms(eta)}")
+        f"{entry['test_out_t'] or 0:.2e}{ridge} | {hms(entry['elapsed'])} | ETA {hms(eta)}")
     progress.history.append(entry)
-    improved = entry["train_in_t"] < progress.best_train
+    names = ["last.pt"] + (["best.pt"] if entry["train_in_t"] < progress.best_train else [])
     progress.best_train = min(progress.best_train, entry["train_in_t"])
-    names = ("last.pt", "best.pt") if improved else ("last.pt",)
     save(run, progress, [os.path.join(out, name) for name in names])
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A loss, parameter or metric is not finite: the run stops before saving anything."""
 
 
 class BadData(ValueError):
@@ -400,7 +364,6 @@ class BadData(ValueError):
 
 
 # ---- data and set-up
-
 BYTES_PER_VALUE = 64  # memory of a training step per (window, frame, point, channel) value,
 # intermediates included (measured on the CPU: about 1.2 GiB for the 21M values of an epoch)
 CPU_CHUNK = 2 ** 26   # values per chunk on a CPU: 256 MiB per float32 tensor, 4 GiB in all
@@ -471,16 +434,13 @@ def setup(cfg, *, device, data_dir):
 
 
 def chunk_values(device):
-    """How many (window, frame, point, channel) values one chunk of a training step may hold:
-    on a GPU as many as half its free memory allows, on a CPU CPU_CHUNK."""
-    if not device.startswith("cuda"):
-        return CPU_CHUNK
-    return torch.cuda.mem_get_info(device)[0] // (2 * BYTES_PER_VALUE)
+    """How many (window, frame, point, channel) values a chunk of a training step may hold."""
+    cuda = device.startswith("cuda")
+    return torch.cuda.mem_get_info(device)[0] // (2 * BYTES_PER_VALUE) if cuda else CPU_CHUNK
 
 
 def load_data(cfg, *, device, data_dir, group):
-    """(train, test) PDEData on `device` (built there when missing). Under torchrun process 0
-    builds a missing cache first, alone, while the others wait (the group's timeout allows it)."""
+    """(train, test) PDEData on `device`, built when missing (under torchrun: by process 0)."""
     def load(verbose):
         return [load_dataset(cfg.pde, split, size=cfg.size, data_dir=data_dir, n_trajectories=n,
                              device=device, verbose=verbose)
@@ -497,7 +457,6 @@ def load_data(cfg, *, device, data_dir, group):
 
 
 # ---- several processes (torchrun): shards of windows, summed gradients, agreed decisions
-
 AGREE_EVERY = 10      # steps between agreed stop checks under torchrun (and at every evaluation)
 GROUP_TIMEOUT = datetime.timedelta(minutes=60)   # a collective may wait this long: process 0
 # may build a dataset meanwhile (the sphere set: 10-25 CPU minutes)
@@ -528,13 +487,11 @@ class Group:
         return bool(self.sum_(torch.tensor([float(flag)], device=self.device)))
 
     def agree_stop(self, asked, clock, evaluated):
-        """None, or why every process stops now: a stop signal in any process, or the time
-        budget. Alone: checked every step. Under torchrun: at evaluations and every AGREE_EVERY
-        steps (the same steps in every process), so no step waits for a collective."""
+        """None, or why every process stops now: a signal in any process, or the time budget."""
         self.steps += 1
         sig, out_of_time = max(asked, default=0), clock.out_of_time()
         if self.world > 1:
-            if not (evaluated or self.steps % AGREE_EVERY == 0):
+            if not (evaluated or self.steps % AGREE_EVERY == 0):  # no step waits for the others
                 return None
             flags = torch.tensor([sig, int(out_of_time)], device=self.device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)        # a signal anywhere stops all
@@ -554,9 +511,7 @@ class Group:
 
 
 def start_processes(device):
-    """Pin this process to its device and, under torchrun, join the process group (NCCL on
-    CUDA, gloo on CPU, one GPU per process). Returns the device; BadData when this machine
-    runs more processes than it has GPUs."""
+    """Pin this process to its device (returned) and, under torchrun, join the process group."""
     local = os.environ.get("LOCAL_RANK")
     if device.startswith("cuda") and local is not None:
         gpus, here = torch.cuda.device_count(), int(os.environ["LOCAL_WORLD_SIZE"])
@@ -574,17 +529,13 @@ def start_processes(device):
 
 
 # ---- checkpoints: one complete file whatever the number of processes, any device, no code
-
-FORMAT = "dino-run/3"  # tag that tells our checkpoints from ours of other versions and from
-# foreign files (2: per-row code Adam; 3: Progress.summed)
+FORMAT = "dino-run/3"  # our checkpoints' tag (2: per-row code Adam; 3: Progress.summed)
 KEYS = {"format", "config", "coord_dim", "n_channels", "mask", "world_size", "model", "codes",
         "optimiser", "loss_sums", "progress"}
 
 
 def save(run, progress, paths):
-    """Write one checkpoint to every path, from process 0 (every process sends its code rows),
-    all-or-nothing. The processes' networks must be equal (same steps on the same summed
-    gradients): checked here."""
+    """One checkpoint to every path from process 0, all or nothing; the networks checked equal."""
     codes = {k: run.group.gather_rows(v, run.n_windows) for k, v in run.codes.state_dict().items()}
     if run.group.world > 1:
         flat = torch.cat([p.detach().reshape(-1) for p in run.model.parameters()]).double()
@@ -611,8 +562,7 @@ def save(run, progress, paths):
 
 
 def to_cpu(tree):
-    """A copy of `tree` (nested dicts and lists) with its tensors on the CPU: from a GPU in ONE
-    transfer per dtype (each waits for the device), not one per tensor."""
+    """A copy of `tree` (nested dicts and lists) with its tensors on the CPU: ONE copy per dtype."""
     def walk(node, visit):
         if isinstance(node, (dict, list)):
             pairs = node.items() if isinstance(node, dict) else enumerate(node)
@@ -678,16 +628,12 @@ def model_from_checkpoint(state, device="cpu"):
 
 
 # ---- signals, time and the log
-
-
 @contextlib.contextmanager
 def stop_requests():
-    """Ctrl-C, SIGTERM (sent by Slurm, docker, systemd, timeout) and SIGHUP ask the loop to stop
-    after the current step: the yielded list collects their numbers. Outside the main thread
-    nothing is installed (Python delivers signals there only); old handlers come back after."""
+    """Ctrl-C, SIGTERM and SIGHUP ask the loop to stop after the step; the list yielded has them."""
     asked, previous = [], {}
     with contextlib.suppress(ValueError):                   # signal.signal refuses other threads
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):   # SIGTERM: Slurm, docker, timeout
             previous[s] = signal.signal(s, lambda signum, frame: asked.append(signum))
     try:
         yield asked
@@ -705,11 +651,10 @@ class Clock:
         self.ends, self.said = [], False       # end times of the session's first two steps
 
     def first_line_due(self, evaluating):
-        """Note the end of a step. True once: after the session's second step (the first warms
-        up; a GPU is waited for at these two steps only), or before an earlier evaluation."""
+        """Note a step's end; True once: after step 2 (step 1 warms up) or an earlier evaluation."""
         if len(self.ends) < 2:
             if self.device.startswith("cuda"):
-                torch.cuda.synchronize(self.device)
+                torch.cuda.synchronize(self.device)    # the GPU is waited for at these steps only
             self.ends.append(time.time())
         due = not self.said and (len(self.ends) == 2 or evaluating)
         self.said |= due
@@ -750,10 +695,8 @@ def summary(run, label, clock, progress):
 
 
 def hms(seconds):
-    seconds = int(max(seconds, 0))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
+    s = int(max(seconds, 0))
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 class Log:
@@ -775,7 +718,6 @@ class Log:
 
 
 # ---- command line: every Config field is a flag (--code-dim 64), its help the field's text
-
 RANK = int(os.environ.get("RANK", 0))                       # under torchrun only process 0 prints
 FLAGS = [f for f in fields(Config) if f.name != "pde"]      # the fields given as --name-with-dashes
 CHOICES = {"schedule": SCHEDULES, "fit": FITS}
@@ -840,9 +782,8 @@ def resolve(args):
 
 
 def own_preset(pde, preset):
-    """The preset of a PDE without one in CONFIGS (your own file or solver): the quick or paper
-    sizes, its data's counts and grid, and the map of its coordinates' bounding box to [0, 0.5]
-    per axis (as the planar presets' maps)."""
+    """The preset of a PDE not in CONFIGS (your own file or solver): the quick or paper sizes, its
+    data's counts and grid, its coordinates' bounding box mapped to [0, 0.5] per axis."""
     spec = SPECS[pde]
     coords = spec.coords(spec.sizes["train"]).flatten(0, -2)       # (N, X)
     low, span = coords.amin(0), (coords.amax(0) - coords.amin(0)).clamp_min(1e-12)
@@ -857,9 +798,8 @@ def resume_settings(args, given, device):
     state = load_checkpoint(os.path.join(args.out, "last.pt"))
     cfg, done = replace(model_from_checkpoint(state)[1], **given), state["progress"]["epoch"]
     if args.pde not in (None, cfg.pde) or args.data or args.preset or set(given) - {"epochs"}:
-        raise ValueError(f"--resume continues {args.out!r} with its own settings ({cfg.pde}); "
-                         f"only --epochs, --minutes, --device, --threads and --data-dir may be "
-                         f"given")
+        raise ValueError(f"--resume continues {args.out!r} with its own settings ({cfg.pde}); only "
+                         f"--epochs, --minutes, --device, --threads and --data-dir may be given")
     if cfg.epochs <= done:
         raise ValueError(f"--epochs {cfg.epochs}: the run in {args.out!r} is already at epoch "
                          f"{done}; give a larger --epochs to continue it")
