@@ -17,6 +17,7 @@ Usage:
     python train.py --pde heat                 # quick preset on a CPU, paper on a GPU
     python train.py --pde navier-stokes --preset paper --device cuda
     torchrun --standalone --nproc_per_node=4 train.py --pde navier-stokes --device cuda
+    python train.py --data mine.npz            # your own trajectories (README: Your own equation)
     python train.py --out runs/heat-quick --resume  # continue where a run stopped
     python evaluate.py runs/heat-quick         # metrics table, GIFs, error plot
 """
