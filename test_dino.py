@@ -2094,19 +2094,27 @@ def as_flags(settings):
             for item in (f"--{key.replace('_', '-')}", str(value))]
 
 
-def gpu_run(out, *, device="cuda", minutes=6.0, tiny=False, log=print):
+def gpu_run(out, *, device="cuda", minutes=6.0, tiny=False, log=print, budget=9.5):
     """Build the Navier-Stokes paper data on `device`, probe an epoch (ops, host syncs, time),
     train the paper preset for 10,000 epochs or `minutes`, evaluate best.pt in the paper's
     format, load the checkpoint on the CPU, check exact resume and two processes. Every step is
     recorded in OUT/summary.json and summary.txt as soon as it ends (a failed step says why and
-    the next one runs). tiny=True: the same steps at tiny sizes (the test suite, on the CPU)."""
+    the next one runs). The whole stays within `budget` minutes: training gets what the steps
+    before it left (2.5 minutes kept for those after it), a step past the budget is skipped.
+    tiny=True: the same steps at tiny sizes (the test suite, on the CPU)."""
     os.makedirs(out, exist_ok=True)
+    began = time.perf_counter()
+
+    def left():                                                   # minutes of the budget left
+        return budget - (time.perf_counter() - began) / 60
     sizes, data = TINY_SIZES if tiny else {}, os.path.join(out, "data")
     run_dir, summary = os.path.join(out, "navier-stokes-paper"), {}
 
     def record(step, work):
         start = time.perf_counter()
         try:
+            if left() <= 0:
+                raise TimeoutError(f"skipped: the {budget}-minute budget is spent")
             result, status = work(), "ok"
         except BaseException as err:                              # noqa: BLE001 (report, go on)
             result, status = {}, f"FAILED: {type(err).__name__}: {str(err)[:400]}"
@@ -2121,7 +2129,8 @@ def gpu_run(out, *, device="cuda", minutes=6.0, tiny=False, log=print):
     record("environment", lambda: environment(device))
     record("data", lambda: build_and_compare(data, device, sizes))
     record("epoch", lambda: epoch_probe(device, data, sizes))
-    record("train", lambda: train_paper(run_dir, device, data, sizes, minutes, tiny))
+    record("train", lambda: train_paper(run_dir, device, data, sizes,
+                                        max(0.5, min(minutes, left() - 2.5)), tiny))
     record("evaluate", lambda: evaluate_paper(run_dir, device, data))
     record("checkpoint_on_cpu", lambda: plain_load(os.path.join(run_dir, "last.pt")))
     record("exact_resume", lambda: exact_resume(os.path.join(out, "resume"), device))
