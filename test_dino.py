@@ -1380,6 +1380,13 @@ class CountOps(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def test_a_fixed_ridge_is_kept_and_stored(tmp_path, data_dir):
+    train_py.main(tiny_argv(tmp_path / "run", data_dir, "--epochs", "2", "--ridge", "0.003"))
+    state = train_py.load_checkpoint(str(tmp_path / "run"))
+    assert state["model"]["ridge"].item() == pytest.approx(0.003, rel=1e-6)
+    assert all(h["ridge"] == pytest.approx(0.003, rel=1e-6) for h in state["progress"]["history"])
+
+
 def test_evaluation_during_training_reads_the_device_once(tmp_path, data_dir, monkeypatch):
     # the metrics, the ridge choice and the test forecast stay on the device: no .item() and one
     # .tolist() per evaluation (a GPU waits once), through the fixed-step RK4, not torchdiffeq

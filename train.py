@@ -78,6 +78,7 @@ class Config:
     eps_floor: float = setting(1e-3, "... and counted as 0 below this")
     # inference: fitting alpha_0 of a new observation
     fit: str = setting("closed-form", "'closed-form': ridge least squares | 'adam'")
+    ridge: float = setting(0.0, "closed-form: this ridge; 0: chosen on training windows")
     fit_steps: int = setting(300, "'adam': steps from zero (best code kept) ...")
     fit_lr: float = setting(1e-2, "... and their rate")
     # bookkeeping
@@ -123,7 +124,8 @@ RULES = {  # field -> (test, what is allowed); every float must also be finite
     "hidden": (lambda v: v >= 2 and v % 2 == 0, "even, >= 2"),
     "eps_start": (lambda v: 0 <= v <= 1, "[0, 1]"), "eps_decay": (lambda v: 0 < v <= 1, "(0, 1]"),
     "eps_floor": (lambda v: 0 <= v < 1, "[0, 1)"),
-    **{name: (lambda v: v >= 0, ">= 0") for name in ("epochs", "fit_steps", "seed", "mask_seed")},
+    **{name: (lambda v: v >= 0, ">= 0")
+       for name in ("epochs", "fit_steps", "seed", "mask_seed", "ridge")},
     **{name: (lambda v: v >= 1, ">= 1") for name in AT_LEAST_1},
     **{name: (lambda v: v > 0, "> 0")
        for name in ("input_scale", "lr_decoder", "lr_codes", "lr_dynamics", "fit_lr")},
@@ -312,17 +314,20 @@ def measure(run):
     state = [p.detach().sum() for p in run.model.parameters()]
     state = torch.stack(state + [run.loss_sums.sum(), run.codes.weight.sum()])
     starts = [run.codes.codes[:, 0]]                                # (R, S, D) each
-    if run.cfg.fit == "closed-form":
+    choose = run.cfg.fit == "closed-form" and not run.cfg.ridge
+    if choose:
         starts += [fit_codes_closed_form(run.model.decoder, run.coords, run.values[:, 0],
                                          ridge=r, check=False).codes for r in RIDGES]
     sums = forecast_sums(run, torch.stack(starts))                  # (1 or 1 + len(RIDGES), 2)
     flag = (~torch.isfinite(state).all()).float()[None]
     numbers = run.group.sum_(torch.cat([run.loss_sums, sums[0], flag, sums[1:].flatten()]))
     tail = []
-    if run.cfg.fit == "closed-form":                              # the best forecast of training
+    if choose:                                                    # the best forecast of training
         err, ref = numbers[5:].view(-1, 2).T                      # windows from fitted alpha_0
         ridge = run.ridges.gather(0, torch.argmin(err / ref)[None])
         tail.append(run.model.ridge.copy_(ridge[0])[None])
+    elif run.cfg.fit == "closed-form":
+        tail.append(run.model.ridge.fill_(run.cfg.ridge)[None])
     test = test_sums(run) if run.group.rank == 0 else numbers.new_zeros(4)
     return torch.cat([numbers[:5]] + tail + [test])
 
