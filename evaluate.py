@@ -93,7 +93,8 @@ def observed_points(state, cfg, data, *, rate, seed, resolution, data_dir):
         return observed.flatten(), how
     if resolution == cfg.size and rate == cfg.subsampling and seed == cfg.mask_seed:
         return state["mask"].flatten().to(device), "the training mask"
-    return observation_mask(data, rate, seed).flatten(), f"a new mask (rate {rate}, seed {seed})"
+    how = "every point" if rate == 1 else f"a new mask (rate {rate}, seed {seed})"
+    return observation_mask(data, rate, seed).flatten(), how
 
 
 def check_memory(n_values, what, device):
