@@ -1824,6 +1824,9 @@ def test_evaluate_bad_input_exits_2(tiny_run, tmp_path, data_dir, capsys):
              ([str(out), "--resolution", "2"], "--resolution 2"),
              ([str(out), "--resolution", "100000"], "--resolution 100000 needs about"),
              ([str(out), "--points", "1000000000"], "--points 1000000000 needs about"),
+             ([str(out), "--time-factor", "0"], "--time-factor 0 must be at least 1"),
+             ([str(out), "--time-factor", "1.5"], "invalid int value: '1.5'"),
+             ([str(out), "--time-factor", "100000000"], "--time-factor 100000000 needs about"),
              ([str(out), "--out", str(tmp_path / "notes.pt" / "x")], "is a file, not a folder")]
     for argv, message in cases:
         printed = refused(evaluate_py.main, argv + ["--data-dir", data_dir], message, capsys)
