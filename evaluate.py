@@ -111,9 +111,9 @@ def check_sizes(cfg, *, split, resolution, points, device, time_factor):
     spec = SPECS[cfg.pde]
     n = {"test": cfg.n_test, "train": cfg.n_train}.get(split, spec.trajectories["train"])
     per_point = n * spec.windows * spec.window * time_factor * len(spec.channels)
-    what = f"--resolution {resolution}" + (f" --time-factor {time_factor}" if time_factor > 1
-                                           else "")
-    check_memory(per_point * resolution ** 2 * spec.width_ratio, what, device)
+    finer = f" --time-factor {time_factor}" if time_factor > 1 else ""
+    check_memory(per_point * resolution ** 2 * spec.width_ratio,
+                 f"--resolution {resolution}{finer}", device)
     if points is not None:
         legendre = 2 * spec.cut_from ** 2 if spec.cut_from else 0  # sphere truth: nlat^2 per point
         check_memory(points * (per_point + legendre), f"--points {points}", device)

@@ -150,10 +150,14 @@ def check_config(cfg):
 
 def build_model(cfg, *, coord_dim, n_channels):
     """The DINo (autodecode.py) that `cfg` describes, freshly initialised."""
-    return DINo(coord_dim=coord_dim, n_channels=n_channels, code_dim=cfg.code_dim,
-                hidden=cfg.hidden, layers=cfg.layers, input_scale=cfg.input_scale,
-                dyn_hidden=cfg.dyn_hidden, coord_shift=cfg.coord_shift, coord_scale=cfg.coord_scale,
-                fit=cfg.fit, fit_steps=cfg.fit_steps, fit_lr=cfg.fit_lr)
+    model = DINo(coord_dim=coord_dim, n_channels=n_channels, code_dim=cfg.code_dim,
+                 hidden=cfg.hidden, layers=cfg.layers, input_scale=cfg.input_scale,
+                 dyn_hidden=cfg.dyn_hidden, coord_shift=cfg.coord_shift,
+                 coord_scale=cfg.coord_scale, fit=cfg.fit, fit_steps=cfg.fit_steps,
+                 fit_lr=cfg.fit_lr)
+    if cfg.ridge:                   # a fixed ridge; otherwise each evaluation chooses one (measure)
+        model.ridge.fill_(cfg.ridge)
+    return model
 
 
 # ---- one training step of Alg. 1: both problems, on any set of windows
@@ -334,8 +338,8 @@ def measure(run):
         err, ref = numbers[5:].view(-1, 2).T                      # windows from fitted alpha_0
         ridge = run.ridges.gather(0, torch.argmin(err / ref)[None])
         tail.append(run.model.ridge.copy_(ridge[0])[None])
-    elif run.cfg.fit == "closed-form":
-        tail.append(run.model.ridge.fill_(run.cfg.ridge)[None])
+    elif run.cfg.fit == "closed-form":                            # the fixed one (build_model)
+        tail.append(run.model.ridge[None])
     test = test_sums(run) if run.group.rank == 0 else numbers.new_zeros(4)
     return torch.cat([numbers[:5]] + tail + [test])
 
