@@ -1843,10 +1843,10 @@ def test_evaluate_between_the_frames_and_on_a_validation_split(tiny_run, data_di
     assert "between the frames (time factor 2)" in capsys.readouterr().out
     val = evaluate_py.main([str(out), "--data-dir", data_dir, "--device", "cpu", "--split", "val",
                             "--no-pictures"])
-    assert val["split"] == "val" and val["windows"] == (256 - 4) * 2   # the trajectories left out
+    assert val["split"] == "val" and val["windows"] == (512 - 4) * 2   # heat allows 512 trajectories
     cfg = train_py.model_from_checkpoint(train_py.load_checkpoint(str(out)))[1]
-    with pytest.raises(ValueError, match="trained on all 256 training trajectories"):
-        evaluate_py.load_split(replace(cfg, n_train=256), "val", size=8, data_dir=data_dir,
+    with pytest.raises(ValueError, match="trained on all 512 training trajectories"):
+        evaluate_py.load_split(replace(cfg, n_train=512), "val", size=8, data_dir=data_dir,
                                device="cpu")
     for argv, message in ((["--time-factor", "0"], "--time-factor 0 must be at least 1"),
                           (["--time-factor", "2.5"], "invalid int value: '2.5'"),
