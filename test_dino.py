@@ -1843,7 +1843,7 @@ def test_evaluate_between_the_frames_and_on_a_validation_split(tiny_run, data_di
     assert "between the frames (time factor 2)" in capsys.readouterr().out
     val = evaluate_py.main([str(out), "--data-dir", data_dir, "--device", "cpu", "--split", "val",
                             "--no-pictures"])
-    assert val["split"] == "val" and val["windows"] == (512 - 4) * 2   # heat allows 512 trajectories
+    assert val["split"] == "val" and val["windows"] == (512 - 4) * 2   # heat allows 512
     cfg = train_py.model_from_checkpoint(train_py.load_checkpoint(str(out)))[1]
     with pytest.raises(ValueError, match="trained on all 512 training trajectories"):
         evaluate_py.load_split(replace(cfg, n_train=512), "val", size=8, data_dir=data_dir,
