@@ -1250,7 +1250,7 @@ def refused(main, argv, message, capsys, *, nothing_at=None):
     (["--pde", "heat", "--epochs", "-1"], "epochs = -1 is not allowed"),
     (["--resume"], "--resume needs --out"),
     (["--pde", "heat", "--n-train", "100000", "--data-dir", "unused"],
-     "n_trajectories must be in 1..256"),
+     "n_trajectories must be in 1..512"),
     # every config field is checked before anything is written
     (["--pde", "heat", "--fit-lr", "0"], "fit_lr = 0.0 is not allowed; allowed: > 0"),
     (["--pde", "heat", "--fit-lr", "nan"], "fit_lr = nan must be a finite number"),
