@@ -70,8 +70,7 @@ def load_split(cfg, split, *, size, data_dir, device, time_factor=1):
     """A split's windows: 'test', 'train' (the run's), or 'val': the training-split trajectories
     the run did not train on (after its n_train, up to the most allowed): choose settings there."""
     spec = SPECS[cfg.pde]
-    most = (spec.most or spec.trajectories)["train"]
-    n = {"test": cfg.n_test, "train": cfg.n_train}.get(split, most)
+    n = {"test": cfg.n_test, "train": cfg.n_train}.get(split, spec.largest("train"))
     if split == "val" and n <= cfg.n_train:
         raise ValueError(f"--split val: the run trained on all {n} training trajectories of "
                          f"{cfg.pde}; train with --n-train below {n} to keep some for validation")
@@ -79,7 +78,7 @@ def load_split(cfg, split, *, size, data_dir, device, time_factor=1):
                         data_dir=data_dir, n_trajectories=n, time_factor=time_factor)
     if split != "val":
         return data
-    new = slice(cfg.n_train * spec.windows, None)      # the windows never trained on
+    new = slice(cfg.n_train * spec.windows, None)            # the windows never trained on
     return replace(data, split="val", frames=data.frames[new], trajectory=data.trajectory[new])
 
 

@@ -90,6 +90,10 @@ class PDESpec:
     most: dict | None = None     # split -> largest count allowed, where it exceeds the paper's
     arrays: dict | None = None   # your own data (register_file): split -> trajectories, and "t"
 
+    def largest(self, split):
+        """The most trajectories `split` may hold: `most` where set, else the paper's count."""
+        return (self.most or self.trajectories)[split]
+
 
 # The sphere's settings in SPECS (so in its cache key); its solver's other constants: its section.
 SPHERE_RADIUS = 6.37122e6          # m
@@ -204,7 +208,7 @@ def _resolve(pde, split, size, n_trajectories, time_factor=1):
     if spec.arrays is not None and size != spec.sizes[split]:
         raise ValueError(f"size {size}: {pde} holds its frames on one grid, {spec.sizes[split]}")
     n = spec.trajectories[split] if n_trajectories is None else int(n_trajectories)
-    most = (spec.most or spec.trajectories)[split]
+    most = spec.largest(split)
     if not 1 <= n <= most:
         raise ValueError(f"n_trajectories must be in 1..{most} for {pde} {split}, "
                          f"got {n_trajectories}")
