@@ -1132,6 +1132,31 @@ def test_paper_epoch_as_one_step_equals_the_minibatch_by_minibatch_epoch(tmp_pat
     assert (reference["codes"]["weight"].abs() > 0).all()   # every row has moved
 
 
+def test_code_noise_restarts_f_psi_from_perturbed_codes_and_scores_against_clean_ones(data_dir):
+    # With f_psi = 0 an RK4 step keeps its state, so with a restart before every step the path is
+    # (alpha_0, start_0, ..., start_{T-2}) with start = alpha + code_noise * RMS(alpha) * noise:
+    # L_dyn follows in closed form, and frame 0 (no forecast) adds nothing
+    cfg = tiny_config(data_dir, "--code-noise", "0.5")
+    run = train_py.setup(cfg, device="cpu", data_dir=data_dir)
+    plan = train_py.plan_epoch(run, train_py.Progress(rng=run.generator.get_state()))
+    assert plan.noise.shape == (len(plan.rows), *run.codes.frame_shape)
+    for p in run.model.dynamics.parameters():
+        p.data.zero_()
+    run.codes.weight.data.normal_(generator=torch.Generator().manual_seed(0))   # codes start at 0
+    s = plan.steps[0]
+    rows, weight, noise = plan.rows[s], plan.weight[s], plan.noise[s]
+    alpha = run.codes(rows).detach()                                  # (R, T, S, D) before the step
+    starts = alpha + 0.5 * alpha.pow(2).mean().sqrt() * noise
+    expected = (starts[:, :-1] - alpha[:, 1:]).pow(2).sum(dim=(1, 2, 3)) / alpha[0].numel()
+    restart = torch.ones(len(rows), len(run.t) - 1, dtype=torch.bool)
+    run.loss_sums.zero_()
+    train_py.train_step(run, rows, weight, restart, noise)
+    torch.testing.assert_close(run.loss_sums[1], (expected * weight).sum())
+    quiet = train_py.setup(tiny_config(data_dir), device="cpu", data_dir=data_dir)
+    progress = train_py.Progress(rng=quiet.generator.get_state())
+    assert train_py.plan_epoch(quiet, progress).noise is None      # none drawn: older runs repeat
+
+
 def interrupted_and_resumed(folder, data_dir, *, device="cpu", resume_device=None):
     """A tiny heat run (minibatch schedule: 3 steps per epoch, 4 epochs, an evaluation every 2
     steps) whole in folder/whole, and again in folder/split, stopped by SIGTERM inside epoch 0
@@ -2045,7 +2070,8 @@ def paper_epoch_benchmark(pde, device, threads):
         for _ in range(n):
             plan = train_py.plan_epoch(run, progress)
             for s in plan.steps:
-                train_py.train_step(run, plan.rows[s], plan.weight[s], plan.restart[s])
+                train_py.train_step(run, plan.rows[s], plan.weight[s], plan.restart[s],
+                                    None if plan.noise is None else plan.noise[s])
                 progress.advance(plan, run.generator, 10 ** 9)
         if cuda:
             torch.cuda.synchronize(device)

@@ -77,6 +77,8 @@ class Config:
     eps_decay: float = setting(0.99, "... multiplied by this ...")
     eps_every: int = setting(100, "... every this many iterations (minibatches) ...")
     eps_floor: float = setting(1e-3, "... and counted as 0 below this")
+    code_noise: float = setting(0.0, "L_dyn: f_psi starts and restarts from codes + noise of "
+                                     "this std x their RMS; 0: none (paper)")
     # inference: fitting alpha_0 of a new observation
     fit: str = setting("closed-form", "'closed-form': ridge least squares | 'adam'")
     ridge: float = setting(0.0, "closed-form: this ridge; 0: chosen on training windows")
@@ -133,7 +135,8 @@ RULES = {  # field -> (test, what is allowed); every float must also be finite
     "eps_start": (lambda v: 0 <= v <= 1, "[0, 1]"), "eps_decay": (lambda v: 0 < v <= 1, "(0, 1]"),
     "eps_floor": (lambda v: 0 <= v < 1, "[0, 1)"),
     **{name: (lambda v: v >= 0, ">= 0")
-       for name in ("epochs", "fit_steps", "seed", "mask_seed", "ridge", "lr_drop_epoch")},
+       for name in ("epochs", "fit_steps", "seed", "mask_seed", "ridge", "lr_drop_epoch",
+                    "code_noise")},
     **{name: (lambda v: v >= 1, ">= 1") for name in AT_LEAST_1},
     **{name: (lambda v: v > 0, "> 0")
        for name in ("input_scale", "lr_decoder", "lr_codes", "lr_dynamics", "fit_lr")},
@@ -164,10 +167,11 @@ def build_model(cfg, *, coord_dim, n_channels):
 
 
 # ---- one training step of Alg. 1: both problems, on any set of windows
-def train_step(run, rows, weight, restart):
+def train_step(run, rows, weight, restart, noise=None):
     """One optimiser step on this process's windows `rows` (R,): each window's L_dec + L_dyn,
-    times weight (R,), summed; restart (R, T-1) the teacher-forcing draws. The code rows and the
-    networks (their gradients summed over processes) step once; the losses stay on the device."""
+    times weight (R,), summed; restart (R, T-1) the teacher-forcing draws; noise (R, T, S, D)
+    standard normal or None (cfg.code_noise). The code rows and the networks (their gradients
+    summed over processes) step once; the losses stay on the device."""
     run.flat_grad.zero_()                                          # every .grad is a view of it
     for lo in range(0, len(rows), run.chunk):                      # chunks if memory needs them
         part = slice(lo, lo + run.chunk)                           # no index tensor to copy over
@@ -177,7 +181,13 @@ def train_step(run, rows, weight, restart):
         truth = run.values.index_select(0, ids)
         loss_dec = (pred - truth).pow(2).mean(dim=(1, 2, 3))       # (R,)
         target = codes.detach()                                    # L_dyn never bends the codes
-        path = rollout_with_restarts(run.model.dynamics, target, run.t, restart[part])
+        starts = target
+        if noise is not None:   # f_psi learns to bring codes near the learned ones back to them
+            scale = run.cfg.code_noise * target.pow(2).mean().sqrt()   # a tensor: no host read
+            starts = target + scale * noise[part]
+        path = rollout_with_restarts(run.model.dynamics, starts, run.t, restart[part])
+        if noise is not None:                                      # frame 0 is no forecast
+            path = torch.cat([target[:, :1], path[:, 1:]], dim=1)
         loss_dyn = (path - target).pow(2).mean(dim=(1, 2, 3))      # (R,)
         ((loss_dec + loss_dyn) * w).sum().backward()               # two graphs, one backward
         run.codes.step(ids, codes.grad)                            # an Adam per row, at once
@@ -192,6 +202,7 @@ class EpochPlan:
     rows: torch.Tensor          # (R,) this process's windows (local rows) in the order they step
     weight: torch.Tensor        # (R,) loss weight: 1 / (windows in its minibatch, all processes)
     restart: torch.Tensor       # (R, T-1) bool teacher-forcing restarts
+    noise: torch.Tensor         # (R, T, S, D) standard normal for cfg.code_noise, or None
     steps: list                 # slices of rows, one per optimiser step
     iterations: int             # minibatches counted per step
 
@@ -201,6 +212,9 @@ def plan_epoch(run, progress):
     run.generator.set_state(progress.rng)                          # the state at the epoch's start
     perm = torch.randperm(n, generator=run.generator)              # the global shuffle
     uniform = torch.rand(n, len(run.t) - 1, generator=run.generator)   # restart draws, by window
+    noise = None                                                   # drawn only if asked: a run
+    if cfg.code_noise:                                             # without it repeats older ones
+        noise = torch.randn(n, *run.codes.frame_shape, generator=run.generator)
     if cfg.schedule == "epoch":  # ONE step; the shuffle's minibatches give weights and epsilon
         position = torch.empty_like(perm)
         position[perm] = torch.arange(n)
@@ -220,7 +234,8 @@ def plan_epoch(run, progress):
     eps = torch.tensor([epsilon(cfg, start + k) for k in range(n_batches)])[batch]   # (R,)
     return EpochPlan(rows=run.to_device(mine - lo), weight=run.to_device(1.0 / size),
                      restart=run.to_device(restart_mask(uniform[mine], eps)), steps=steps,
-                     iterations=iterations)
+                     iterations=iterations,
+                     noise=None if noise is None else run.to_device(noise[mine]))
 
 
 def epsilon(cfg, iteration):
@@ -244,7 +259,8 @@ def train(cfg, *, out, device="cpu", minutes=None, resume=None, data_dir="data",
             for group, lr in zip(run.optimiser.param_groups, (cfg.lr_decoder, cfg.lr_dynamics)):
                 group["lr"] = lr * drop                            # this epoch's network rates
             for s in plan.steps[progress.step:]:
-                train_step(run, plan.rows[s], plan.weight[s], plan.restart[s])
+                train_step(run, plan.rows[s], plan.weight[s], plan.restart[s],
+                           None if plan.noise is None else plan.noise[s])
                 crossed = progress.advance(plan, run.generator, cfg.eval_every)
                 if clock.first_line_due(crossed):
                     say(summary(run, label, clock, progress))
