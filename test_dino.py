@@ -1077,26 +1077,30 @@ def test_train_lowers_the_loss_and_writes_a_run(tiny_run):
     assert best["model"]["ridge"] in train_py.RIDGES
 
 
-def test_lr_drop_epoch_equals_resuming_with_10x_smaller_network_rates(tmp_path, data_dir):
-    # --lr-drop-epoch 2: epochs 0-1 at the configured rates, then decoder and dynamics at a tenth
-    # (the codes keep theirs). Reference: 2 plain epochs, then a resume whose Config has the
-    # smaller rates. A run without the drop ends elsewhere, so the comparison can fail.
+def test_lr_drops_equal_resuming_with_10x_then_100x_smaller_network_rates(tmp_path, data_dir):
+    # --lr-drop-epoch 2 --lr-drop-again-epoch 3: epochs 0-1 at the configured rates, epoch 2 at a
+    # tenth, epoch 3 at a hundredth (decoder and dynamics; the codes keep theirs). Reference: 2
+    # plain epochs, then resumes whose Configs have the smaller rates. A run without the drops
+    # ends elsewhere, so the comparison can fail.
     quiet = dict(data_dir=data_dir, log=lambda line: None)
-    dropped = tiny_config(data_dir, "--epochs", "4", "--lr-drop-epoch", "2")
-    plain = replace(dropped, lr_drop_epoch=0)
-    for name, cfg in (("dropped", dropped), ("plain", plain), ("first", replace(plain, epochs=2))):
+    dropped = tiny_config(data_dir, "--epochs", "4", "--lr-drop-epoch", "2",
+                          "--lr-drop-again-epoch", "3")
+    plain = replace(dropped, lr_drop_epoch=0, lr_drop_again_epoch=0)
+    for name, cfg in (("dropped", dropped), ("plain", plain), ("steps", replace(plain, epochs=2))):
         train_py.train(cfg, out=str(tmp_path / name), **quiet)
-    first = train_py.load_checkpoint(str(tmp_path / "first" / "last.pt"))
-    slower = replace(plain, lr_decoder=plain.lr_decoder * 0.1,
-                     lr_dynamics=plain.lr_dynamics * 0.1)
-    train_py.train(slower, out=str(tmp_path / "first"), resume=first, **quiet)
+    for epochs, scale in ((3, 0.1), (4, 0.01)):
+        slower = replace(plain, epochs=epochs, lr_decoder=plain.lr_decoder * scale,
+                         lr_dynamics=plain.lr_dynamics * scale)
+        resume = train_py.load_checkpoint(str(tmp_path / "steps" / "last.pt"))
+        train_py.train(slower, out=str(tmp_path / "steps"), resume=resume, **quiet)
     a, b, c = (train_py.load_checkpoint(str(tmp_path / name / "last.pt"))
-               for name in ("dropped", "first", "plain"))
+               for name in ("dropped", "steps", "plain"))
+    assert a["progress"]["epoch"] == b["progress"]["epoch"] == 4
     same_state(a, b)
     with pytest.raises(AssertionError):
         same_state(a, c, rtol=1e-3)
-    assert [g["lr"] for g in a["optimiser"]["param_groups"]] == [
-        dropped.lr_decoder * 0.1, dropped.lr_dynamics * 0.1]
+    assert [g["lr"] for g in a["optimiser"]["param_groups"]] == pytest.approx([
+        dropped.lr_decoder * 0.01, dropped.lr_dynamics * 0.01])
 
 
 def test_paper_epoch_as_one_step_equals_the_minibatch_by_minibatch_epoch(tmp_path, data_dir):
