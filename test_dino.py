@@ -2021,7 +2021,7 @@ def test_train_step_and_code_fits_at_the_navier_stokes_paper_sizes(monkeypatch):
 
     def step(k):
         s = plan.steps[k]
-        train_py.train_step(run, plan.rows[s], plan.weight[s], plan.restart[s])
+        train_py.train_step(run, **plan.step_inputs(s))
     step(0)                                                          # warm-up
     step_s = statistics.median(timed(lambda: step(k)) for k in (1, 2, 3))
     fields = run.values[:32, 0]                                       # (32, N, 1)
@@ -2050,9 +2050,9 @@ def test_ops_and_host_reads_per_paper_epoch(pde, size, tmp_path, monkeypatch):
         steps.append(len(planned.steps))
         return planned
 
-    def step(*args):
+    def step(*args, **kwargs):
         with counters[-1]:
-            return real_step(*args)
+            return real_step(*args, **kwargs)
     monkeypatch.setattr(train_py, "plan_epoch", plan)
     monkeypatch.setattr(train_py, "train_step", step)
     train_py.main(["--pde", pde, "--preset", "paper", "--device", "cpu", "--size", str(size),
@@ -2079,8 +2079,7 @@ def paper_epoch_benchmark(pde, device, threads):
         for _ in range(n):
             plan = train_py.plan_epoch(run, progress)
             for s in plan.steps:
-                train_py.train_step(run, plan.rows[s], plan.weight[s], plan.restart[s],
-                                    None if plan.noise is None else plan.noise[s])
+                train_py.train_step(run, **plan.step_inputs(s))
                 progress.advance(plan, run.generator, 10 ** 9)
         if cuda:
             torch.cuda.synchronize(device)
@@ -2250,7 +2249,7 @@ def epoch_probe(device, data, sizes):
     def epoch():
         plan = train_py.plan_epoch(run, progress)
         for s in plan.steps:
-            train_py.train_step(run, plan.rows[s], plan.weight[s], plan.restart[s])
+            train_py.train_step(run, **plan.step_inputs(s))
             progress.advance(plan, run.generator, 10 ** 9)
     epoch(), epoch()
     counter = CountOps()

@@ -211,6 +211,11 @@ class EpochPlan:
     steps: list                 # slices of rows, one per optimiser step
     iterations: int             # minibatches counted per step
 
+    def step_inputs(self, s):
+        """train_step's keyword arguments for the step over slice `s` of the rows."""
+        return dict(rows=self.rows[s], weight=self.weight[s], restart=self.restart[s],
+                    noise=None if self.noise is None else self.noise[s])
+
 
 def plan_epoch(run, progress):
     cfg, (lo, hi), n, bs = run.cfg, run.shard, run.n_windows, run.cfg.batch_size
@@ -266,8 +271,7 @@ def train(cfg, *, out, device="cpu", minutes=None, resume=None, data_dir="data",
             for group, lr in zip(run.optimiser.param_groups, (cfg.lr_decoder, cfg.lr_dynamics)):
                 group["lr"] = lr * drop                            # this epoch's network rates
             for s in plan.steps[progress.step:]:
-                train_step(run, plan.rows[s], plan.weight[s], plan.restart[s],
-                           None if plan.noise is None else plan.noise[s])
+                train_step(run, **plan.step_inputs(s))
                 crossed = progress.advance(plan, run.generator, cfg.eval_every)
                 if clock.first_line_due(crossed):
                     say(summary(run, label, clock, progress))
