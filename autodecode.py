@@ -292,20 +292,33 @@ class CodeTable(nn.Module):
 
 # ---- 4. DINo: fit alpha_0 (auto-decoding), integrate (dynamics.py), decode anywhere (inr.py)
 class DINo(nn.Module):
-    """The two trained networks and what it takes to forecast from raw observations: the map from
-    physical coordinates to decoder inputs, (x + coord_shift) * coord_scale, and the test-time fit
-    of alpha_0 ('closed-form' with the `ridge` buffer, or 'adam' with fit_steps and fit_lr). Every
-    method takes physical coordinates (..., X) and moves its inputs to the model's device and dtype.
-    train.py builds it from its Config table; the state_dict holds everything that was trained."""
+    """The two trained networks and what it takes to forecast from raw observations in the user's
+    units: the maps to the model's units, coordinates (x + coord_shift) * coord_scale (the decoder's
+    input), values (v + value_shift) * value_scale (what the decoder outputs) and times
+    (t - t_0) * time_scale (what f_psi integrates over), each shift and scale a number or one per
+    axis / channel; and the test-time fit of alpha_0 ('closed-form' with the `ridge` buffer, or
+    'adam' with fit_steps and fit_lr). Every method takes and returns the user's units and moves
+    its inputs to the model's device and dtype. train.py builds it from its Config table; the
+    state_dict holds everything that was trained (the maps are in the Config)."""
 
     def __init__(self, *, coord_dim, n_channels, code_dim=100, hidden=64, layers=3,
                  input_scale=64.0, dyn_hidden=512, coord_shift=0.0, coord_scale=1.0,
-                 fit="closed-form", fit_steps=300, fit_lr=1e-2):
+                 value_shift=0.0, value_scale=1.0, time_scale=1.0, fit="closed-form",
+                 fit_steps=300, fit_lr=1e-2):
         super().__init__()
         self.decoder = Decoder(coord_dim=coord_dim, code_dim=code_dim, hidden=hidden, layers=layers,
                                input_scale=input_scale)
         self.dynamics = Dynamics(n_channels=n_channels, code_dim=code_dim, hidden=dyn_hidden)
-        self.coord_shift, self.coord_scale = coord_shift, coord_scale
+        for name, value, width in (("coord_shift", coord_shift, coord_dim),
+                                   ("coord_scale", coord_scale, coord_dim),
+                                   ("value_shift", value_shift, n_channels),
+                                   ("value_scale", value_scale, n_channels)):
+            value = torch.tensor(value, dtype=torch.float32)    # () or (width,): kept on the
+            if value.shape not in ((), (width,)):               # device, never copied per call
+                raise ValueError(f"{name} must be a number or {width} numbers, got "
+                                 f"{value.tolist()}")
+            self.register_buffer(name, value, persistent=False)
+        self.time_scale = float(time_scale)
         self.fit, self.fit_steps, self.fit_lr = fit, fit_steps, fit_lr
         # the ridge of the closed-form fit; train.py chooses it
         self.register_buffer("ridge", torch.tensor(1e-2))
@@ -315,11 +328,24 @@ class DINo(nn.Module):
 
     def map_coords(self, coords):
         """Physical positions (..., X) -> decoder inputs (the affine map above)."""
-        return (self._like(coords) + self._like(self.coord_shift)) * self._like(self.coord_scale)
+        coords = self._like(coords)
+        if coords.shape[-1:] != (self.decoder.coord_dim,):
+            raise ValueError(f"coords must be (..., {self.decoder.coord_dim}), got shape "
+                             f"{tuple(coords.shape)}")
+        return (coords + self.coord_shift) * self.coord_scale
+
+    def map_values(self, values):
+        """Values (..., S) in the user's units -> the model's units (what the decoder outputs)."""
+        return (self._like(values) + self.value_shift) * self.value_scale
+
+    def map_times(self, t):
+        """Times (T,) in the user's units -> the model's, counted from t[0]."""
+        t = self._like(t)
+        return (t - t[0]) * self.time_scale
 
     def fit_codes(self, coords, values, *, check=True):
         """alpha_0 (B, S, D) of observations values (B, N, S) at coords (N, X): a FitResult."""
-        coords, values = self.map_coords(coords), self._like(values)
+        coords, values = self.map_coords(coords), self.map_values(values)
         if self.fit == "closed-form":
             return fit_codes_closed_form(self.decoder, coords, values, ridge=self.ridge,
                                          check=check)
@@ -336,15 +362,17 @@ class DINo(nn.Module):
         integrate = rollout if check else rk4_rollout
         with torch.no_grad():
             return integrate(self.dynamics, self.fit_codes(coords, values, check=check).codes,
-                             t - t[0])
+                             self.map_times(t))
 
-    def decode(self, coords, codes):
-        """Codes (B, T, S, D) -> values (B, T, N, S) at coords (N, X). The decoder is affine in the
-        code (inr.py), so this is offset(x) + jacobian(x) . alpha: one product, no graph."""
+    def decode(self, coords, codes, *, model_units=False):
+        """Codes (B, T, S, D) -> values (B, T, N, S) at coords (N, X), in the user's units (or the
+        model's). The decoder is affine in the code (inr.py), so this is offset(x) + jacobian(x)
+        . alpha: one product, no graph."""
         with torch.no_grad():
             # offset (1, N), jacobian (1, N, D)
             parts = self.decoder.affine_parts(self.map_coords(coords))
-            return (self._like(codes) @ parts.jacobian[0].T + parts.offset[0]).transpose(-1, -2)
+            out = (self._like(codes) @ parts.jacobian[0].T + parts.offset[0]).transpose(-1, -2)
+            return out if model_units else out / self.value_scale - self.value_shift
 
     def forecast(self, coords_obs, values_obs, t, coords_query):
         """DINo in one call: values_obs (N, S) observed at coords_obs (N, X) at time t[0] ->

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import pathlib
-from dataclasses import replace
 
 import matplotlib
 import numpy as np
@@ -28,7 +27,15 @@ import torch
 
 import solvers
 from solvers import SPECS, check_writable, load_dataset, observation_mask, write_atomic
-from train import FITS, load_checkpoint, model_from_checkpoint, relative_mse
+from train import (
+    FITS,
+    NO_BETTER,
+    held_out,
+    load_checkpoint,
+    model_from_checkpoint,
+    relative_mse,
+    split_off_validation,
+)
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -67,19 +74,22 @@ def format_table(table):
 
 # ---- the evaluation
 def load_split(cfg, split, *, size, data_dir, device, time_factor=1):
-    """A split's windows: 'test', 'train' (the run's), or 'val': the training-split trajectories
-    the run did not train on (after its n_train, up to the most allowed): choose settings there."""
-    spec = SPECS[cfg.pde]
-    n = {"test": cfg.n_test, "train": cfg.n_train}.get(split, spec.largest("train"))
-    if split == "val" and n <= cfg.n_train:
+    """A split's windows: 'test', 'train' (those the run trained on), or 'val': the training-split
+    trajectories the run did not train on (its val_share, else those after its n_train, up to
+    the most allowed): choose settings there."""
+    spec, n_val = SPECS[cfg.pde], held_out(cfg)
+    n = {"test": cfg.n_test, "train": cfg.n_train}.get(split, cfg.n_train if n_val else
+                                                               spec.largest("train"))
+    if split == "val" and n <= cfg.n_train and not n_val:
         raise ValueError(f"--split val: the run trained on all {n} training trajectories of "
-                         f"{cfg.pde}; train with --n-train below {n} to keep some for validation")
+                         f"{cfg.pde}; train with --n-train below {n} or --val-share to keep some "
+                         f"for validation")
     data = load_dataset(cfg.pde, "train" if split == "val" else split, size=size, device=device,
                         data_dir=data_dir, n_trajectories=n, time_factor=time_factor)
-    if split != "val":
+    if split == "test":
         return data
-    new = slice(cfg.n_train * spec.windows, None)            # the windows never trained on
-    return replace(data, split="val", frames=data.frames[new], trajectory=data.trajectory[new])
+    trained, held = split_off_validation(cfg, data)
+    return held if split == "val" else trained
 
 
 def observed_points(state, cfg, data, *, rate, seed, resolution, data_dir):
@@ -122,12 +132,13 @@ def check_sizes(cfg, *, split, resolution, points, device, time_factor):
 
 def evaluate(path, *, device="cpu", split="test", subsampling=None, mask_seed=None,
              resolution=None, points=None, fit=None, fit_steps=None, time_factor=1, out=None,
-             data_dir="data", pictures=True, log=print):
+             data_dir="data", data=None, pictures=True, log=print):
     """Forecast each window of a split (default test) from its frame 0 and score it: metrics.json
-    and the table first, then pictures in `out`. Returns the metrics ("files": what was written)."""
+    and the table first, then pictures in `out`. Returns the metrics ("files": what was written).
+    data: the run's own data file, moved (its content unchanged)."""
     file = os.path.join(path, "best.pt") if os.path.isdir(path) else path
     state = load_checkpoint(file)
-    model, cfg = model_from_checkpoint(state, device)
+    model, cfg = model_from_checkpoint(state, device, data=data)
     model.fit = fit or model.fit
     model.fit_steps = model.fit_steps if fit_steps is None else fit_steps
     rate = cfg.subsampling if subsampling is None else subsampling
@@ -176,9 +187,12 @@ def report(metrics, log):
     log(f"{m['pde']} | {m['checkpoint']} (epoch {m['epoch']}, iteration {m['iteration']}) | "
         f"{m['windows']} {m['split']} windows on {m['grid']} | "
         f"observed: {m['observed']}, {100 * m['observed_fraction']:.1f}% | alpha_0: {m['fit']}")
-    persistence = m["persistence"]["mse"]
+    held, ratio = m["persistence"]["mse"], m["vs_persistence"]
     log(format_table(m) + "\npersistence (frame 0 held), MSE In-t / Out-t: "
-        f"{persistence['in_t']['all']:.3e} / {persistence['out_t']['all']:.3e}")
+        f"{held['in_t']['all']:.3e} / {held['out_t']['all']:.3e}; DINo's MSE as a fraction of "
+        f"it: {ratio['in_t']:.3f} / {ratio['out_t']:.3f}")
+    if ratio["out_t"] >= 1:
+        log(NO_BETTER.format(where=f"{m['split']} windows", ratio=ratio["out_t"]))
     if "between_frames" in m:
         b = m["between_frames"]
         log(f"between the frames (time factor {b['time_factor']}), MSE at the frame times / "
@@ -205,10 +219,14 @@ def forecast_split(state, model, cfg, *, split, resolution, rate, seed, data_dir
 
 
 def score(pred, truth, observed, n_in_t):
-    """Tables of DINo and of persistence (frame 0 held: the baseline to beat), per-frame errors."""
-    frames = range(truth.shape[1])
-    return {**mse_table(pred, truth, observed, n_in_t),
-            "persistence": mse_table(truth[:, :1].expand_as(truth), truth, observed, n_in_t),
+    """Tables of DINo and of persistence (frame 0 held: the baseline to beat), DINo's MSE as a
+    fraction of persistence's (all points), per-frame errors."""
+    frames, table = range(truth.shape[1]), mse_table(pred, truth, observed, n_in_t)
+    held = mse_table(truth[:, :1].expand_as(truth), truth, observed, n_in_t)
+    return {**table, "persistence": held,
+            "vs_persistence": {name: table["mse"][name]["all"] / max(held["mse"][name]["all"],
+                                                                      1e-30)
+                               for name in ("in_t", "out_t")},
             "mse_vs_time": [(pred[:, k] - truth[:, k]).pow(2).mean().item() for k in frames],
             "rel_mse_vs_time": [relative_mse(pred[:, k], truth[:, k]) for k in frames]}
 
@@ -459,6 +477,7 @@ def parser():
         "interval and score the times between frames too (planar PDEs; default 1)")
     add("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:N")
     add("--data-dir", default="data", help="dataset cache folder (default: data)")
+    add("--data", metavar="FILE.npz", help="the run's own data file, moved (same content)")
     add("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     add("--out", help="output folder (default: RUN/eval[-conditions])")
     add("--no-pictures", action="store_true", help="skip the GIFs and the PNG")
@@ -486,7 +505,8 @@ def main(argv=None):
         return evaluate(args.run[0], device=device, split=args.split, subsampling=args.subsampling,
                         mask_seed=args.mask_seed, resolution=args.resolution, points=args.points,
                         fit=args.fit, fit_steps=args.fit_steps, time_factor=args.time_factor,
-                        out=args.out, data_dir=args.data_dir, pictures=not args.no_pictures)
+                        out=args.out, data_dir=args.data_dir, data=args.data,
+                        pictures=not args.no_pictures)
     except (ValueError, OSError) as err:
         parser().error(str(err))
 

@@ -275,17 +275,28 @@ def _build(pde, split, *, size, n, spec, data_dir, verbose, device, time_factor)
                 mask=None if mask is None else mask.bool())
 
 
-def register_file(path, *, window=20):
+def register_file(path, *, window=20, sha256=None):
     """Your own trajectories as a dataset: reads and checks the .npz file `path` and enters it in
-    SPECS under its path, so that load_dataset(path, split) and all built on it work as for the
-    solvers' sets. The file holds `frames` (trajectories, T, H, W, S), `coords` (H, W, X)
-    positions, `t` (T,) increasing times and optionally `mask` (H, W) bool (the points that exist),
-    `channels` (S,) names and `test_frames` (trajectories, T, H, W, S), the test split (else the
-    last of every 8 trajectories, at least one). Each trajectory gives T // window windows, half
-    of each inside the training horizon. ValueError naming the key and what it should be."""
-    if path in SPECS and SPECS[path].window == window:
-        return path
-    arrays = _read_npz(path)
+    SPECS under its absolute path (returned), so that load_dataset(path, split) and all built on it
+    work as for the solvers' sets. The file holds `frames` (trajectories, T, H, W, S), `coords`
+    (H, W, X) positions, `t` (T,) increasing times and optionally `mask` (H, W) bool (the points
+    that exist), `channels` (S,) names and `test_frames` (trajectories, T, H, W, S), the test split
+    (else the last eighth of the trajectories, at least one). Each trajectory gives T // window
+    windows, half of each inside the training horizon. The SHA-256 of its bytes is kept (in the
+    spec's settings); `sha256` given: the file must have it. ValueError naming the key and what it
+    should be, or the path and both hashes."""
+    path = os.path.abspath(path)
+    if path not in SPECS or SPECS[path].window != window:
+        _register_file(path, window)
+    found = SPECS[path].settings["sha256"]
+    if sha256 not in (None, found):
+        raise ValueError(f"{path!r} has changed since the run was trained (sha256 {found[:16]}..., "
+                         f"the run's {sha256[:16]}...): give the original file (--data FILE)")
+    return path
+
+
+def _register_file(path, window):
+    arrays, digest = _read_npz(path)
     need = functools.partial(_file_array, path, arrays)
     frames = need("frames", (None,) * 5)
     n, steps, h, w, channels = frames.shape
@@ -314,18 +325,20 @@ def register_file(path, *, window=20):
         trajectories={"train": len(frames), "test": len(test)}, sizes={"train": h, "test": h},
         make=None, coords=lambda size: torch.tensor(coords, dtype=torch.float32),
         mask=lambda size: None if mask is None else torch.tensor(mask), window=window,
-        n_in_t=window // 2, arrays={"train": frames, "test": test, "t": t[:window] - t[0]})
-    return path
+        n_in_t=window // 2, arrays={"train": frames, "test": test, "t": t[:window] - t[0]},
+        settings={"sha256": digest})
 
 
 def _read_npz(path):
-    """{key: array} of an .npz file, loaded without pickles; else a one-line ValueError."""
+    """({key: array}, SHA-256 of the bytes) of an .npz file, loaded without pickles; else a
+    one-line ValueError."""
     try:
         with open(path, "rb") as f:
-            if f.read(4) != b"PK\x03\x04":            # np.savez writes a zip archive
-                raise ValueError(f"{path!r} is not an .npz file (np.savez writes one)")
-        with np.load(path, allow_pickle=False) as file:
-            return {key: file[key] for key in file.files}
+            content = f.read()
+        if content[:4] != b"PK\x03\x04":              # np.savez writes a zip archive
+            raise ValueError(f"{path!r} is not an .npz file (np.savez writes one)")
+        with np.load(io.BytesIO(content), allow_pickle=False) as file:
+            return {key: file[key] for key in file.files}, hashlib.sha256(content).hexdigest()
     except OSError as err:
         raise ValueError(f"{path!r} cannot be read ({err.strerror or err})") from None
     except (EOFError, zipfile.BadZipFile) as err:

@@ -841,6 +841,26 @@ def test_fit_codes_refuses_non_finite_or_empty_input_and_never_returns_a_failed_
         fit_codes(broken, coords, values, steps=3)
 
 
+def test_a_fit_keeps_each_samples_best_code_and_the_relative_mse_divides_by_the_truth():
+    dec, coords, values = known_code_problem()
+    codes = torch.zeros(4, 2, 6, requires_grad=True)           # the same Adam, written out
+    adam, seen = torch.optim.Adam([codes], lr=3.0), []          # far too fast: it oscillates
+    for step in range(31):
+        loss = (dec(coords, codes) - values).pow(2).mean((1, 2))
+        seen.append(loss.detach())
+        adam.zero_grad()
+        loss.sum().backward()
+        adam.step()
+    seen = torch.stack(seen[:31])                                   # (steps + 1, B)
+    best = seen.min(0).values
+    assert (seen[-1] > 1.5 * best).all()                            # the last code is not the best
+    fit = fit_codes(dec, coords, values, steps=30, lr=3.0)
+    torch.testing.assert_close(fit.loss, best, rtol=1e-3, atol=0)
+    torch.testing.assert_close(fit.loss, (dec(coords, fit.codes) - values).pow(2).mean((1, 2)))
+    truth = torch.tensor([1.0, -2.0, 2.0])
+    assert train_py.relative_mse(3 * truth, truth) == pytest.approx(4.0)    # |2 v|^2 / |v|^2
+
+
 def test_closed_form_fit_is_the_ridge_least_squares_solution():
     dec, coords, values = known_code_problem()
     dec = dec.double()
@@ -1470,24 +1490,37 @@ def heat_as_file(path, data_dir, **changes):
     return str(path)
 
 
-def test_your_own_arrays_train_as_the_solver_data_they_hold(tmp_path, data_dir):
-    # the heat windows through --data give the numbers of --pde heat, to the digit
-    file = heat_as_file(tmp_path / "heat.npz", data_dir)
-    same = ["--epochs", "6", "--coord-shift", "1", "--coord-scale", "0.25"]
-    argv = tiny_argv(tmp_path / "solver", data_dir, *same)
-    solver = evaluate_py.main([str(train_py.main(argv) and tmp_path / "solver"), "--data-dir",
-                               data_dir, "--device", "cpu", "--no-pictures"])
-    argv = tiny_argv(tmp_path / "file", data_dir, *same)
-    argv[argv.index("--pde"):argv.index("--pde") + 2] = ["--data", file]
-    for flag in ("--n-train", "--n-test"):                          # the file's counts by default
-        del argv[argv.index(flag):argv.index(flag) + 2]
-    train_py.main(argv)
-    mine = evaluate_py.main([str(tmp_path / "file"), "--device", "cpu", "--no-pictures",
-                             "--subsampling", "1"])
-    assert mine["rel_mse"] == solver["rel_mse"] and mine["windows"] == solver["windows"] == 2
-    resumed = train_py.main(["--out", str(tmp_path / "file"), "--resume", "--epochs", "7",
-                             "--device", "cpu"])
-    assert resumed.epoch == 7
+def test_your_own_data_gives_the_same_forecasts_in_any_units(tmp_path, data_dir):
+    # the heat windows as they are, and with times x100, values x1000 + 5 and coordinates x37:
+    # the model's units come from the training split, so the held-out and test MSE agree once the
+    # file's units are undone (x1000^2), and every number is given in the file's units
+    plain = heat_as_file(tmp_path / "plain.npz", data_dir)
+    arrays = dict(np.load(plain))
+    np.savez(tmp_path / "scaled.npz", frames=1000 * arrays["frames"] + 5, coords=37 * arrays["coords"],
+             test_frames=1000 * arrays["test_frames"] + 5, t=100 * arrays["t"])
+    found = {}
+    for name in ("plain", "scaled"):
+        out = str(tmp_path / name)
+        progress = train_py.main(["--data", str(tmp_path / f"{name}.npz"), "--out", out,
+                                  "--device", "cpu", *TINY[6:], "--epochs", "8",
+                                  "--batch-size", "4", "--eval-every", "4"])
+        found[name] = [progress.history[-1]] + [
+            evaluate_py.main([out, "--device", "cpu", "--no-pictures", "--split", split,
+                              "--out", f"{out}/{split}"]) for split in ("test", "val")]
+    (log, test, val), (log_1000, test_1000, val_1000) = found["plain"], found["scaled"]
+    assert test["windows"] == 2 and val["windows"] == 1           # 8 trajectories: 7 train, 1 val
+    for plain_m, scaled_m in ((test, test_1000), (val, val_1000)):
+        for half in ("in_t", "out_t"):
+            assert scaled_m["mse"][half]["all"] / 1e6 == pytest.approx(plain_m["mse"][half]["all"],
+                                                                      rel=1e-3)
+            assert scaled_m["vs_persistence"][half] == pytest.approx(
+                plain_m["vs_persistence"][half], rel=1e-3)
+    # the log's held-out numbers are those evaluate.py finds on the same windows
+    assert log["val_vs_persistence"] == pytest.approx(log_1000["val_vs_persistence"], rel=1e-3)
+    last = evaluate_py.main([str(tmp_path / "plain" / "last.pt"), "--device", "cpu", "--split",
+                             "val", "--no-pictures"])
+    assert log["val_vs_persistence"] == pytest.approx(list(last["vs_persistence"].values()),
+                                                      rel=1e-4)
 
 
 def test_your_own_data_refuses_what_needs_a_solver(tmp_path, data_dir, capsys):

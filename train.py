@@ -59,6 +59,10 @@ class Config:
     # coordinates (the official code feeds planar points in [0, 0.5], where input_scale 64 is tuned)
     coord_shift: float = setting(0.0, "added to physical coordinates ...")
     coord_scale: float = setting(0.5, "... then multiplied: the decoder's input (in checkpoints)")
+    # values and times alike (your own data: from its training split, see own_preset)
+    value_shift: float = setting(0.0, "added to the values (per channel for --data) ...")
+    value_scale: float = setting(1.0, "... then multiplied: what the decoder outputs")
+    time_scale: float = setting(1.0, "times from a window's start, multiplied: f_psi's clock")
     # model (the official Navier-Stokes sizes)
     code_dim: int = setting(100, "D: code size per state channel")
     hidden: int = setting(64, "decoder width K (even: sin and cos halves)")
@@ -88,6 +92,8 @@ class Config:
     # bookkeeping
     eval_every: int = setting(500, "iterations between evaluations and checkpoints")
     seed: int = setting(0, "initialisation, shuffling and restart draws")
+    val_share: float = setting(0.0, "share of the n_train trajectories held out to choose best.pt "
+                                    "and the ridge on; 0: chosen on the training windows")
 
 
 PAPER = Config(pde="navier-stokes")     # the official Navier-Stokes settings, base of every preset
@@ -135,7 +141,8 @@ RULES = {  # field -> (test, what is allowed); every float must also be finite
     **{name: (lambda v, c=choices: v in c, ", ".join(choices))
        for name, choices in (("pde", SPECS), ("schedule", SCHEDULES), ("fit", FITS))},
     "subsampling": (lambda v: 0 < v <= 1, "(0, 1]"), "size": (lambda v: v >= 4, ">= 4"),
-    "window": (lambda v: v >= 2, ">= 2"), "coord_scale": (lambda v: v != 0, "non-zero"),
+    "window": (lambda v: v >= 2, ">= 2"), "val_share": (lambda v: 0 <= v < 1, "[0, 1)"),
+    **{name: (lambda v: v != 0, "non-zero") for name in ("coord_scale", "value_scale")},
     "hidden": (lambda v: v >= 2 and v % 2 == 0, "even, >= 2"),
     "eps_start": (lambda v: 0 <= v <= 1, "[0, 1]"), "eps_decay": (lambda v: 0 < v <= 1, "(0, 1]"),
     "eps_floor": (lambda v: 0 <= v < 1, "[0, 1)"),
@@ -144,7 +151,8 @@ RULES = {  # field -> (test, what is allowed); every float must also be finite
                     "lr_drop_again_epoch", "code_noise")},
     **{name: (lambda v: v >= 1, ">= 1") for name in AT_LEAST_1},
     **{name: (lambda v: v > 0, "> 0")
-       for name in ("input_scale", "lr_decoder", "lr_codes", "lr_dynamics", "fit_lr")},
+       for name in ("input_scale", "lr_decoder", "lr_codes", "lr_dynamics", "fit_lr",
+                    "time_scale")},
 }
 
 
@@ -157,6 +165,7 @@ def check_config(cfg):
         test, allowed = RULES.get(f.name, (lambda v: True, ""))
         if not test(value):
             raise ValueError(f"{f.name} = {value!r} is not allowed; allowed: {allowed}")
+    held_out(cfg)
 
 
 def build_model(cfg, *, coord_dim, n_channels):
@@ -164,8 +173,9 @@ def build_model(cfg, *, coord_dim, n_channels):
     model = DINo(coord_dim=coord_dim, n_channels=n_channels, code_dim=cfg.code_dim,
                  hidden=cfg.hidden, layers=cfg.layers, input_scale=cfg.input_scale,
                  dyn_hidden=cfg.dyn_hidden, coord_shift=cfg.coord_shift,
-                 coord_scale=cfg.coord_scale, fit=cfg.fit, fit_steps=cfg.fit_steps,
-                 fit_lr=cfg.fit_lr)
+                 coord_scale=cfg.coord_scale, value_shift=cfg.value_shift,
+                 value_scale=cfg.value_scale, time_scale=cfg.time_scale, fit=cfg.fit,
+                 fit_steps=cfg.fit_steps, fit_lr=cfg.fit_lr)
     if cfg.ridge:                   # a fixed ridge; otherwise each evaluation chooses one (measure)
         model.ridge.fill_(cfg.ridge)
     return model
@@ -292,7 +302,19 @@ def train(cfg, *, out, device="cpu", minutes=None, resume=None, data_dir="data",
             f"{progress.iteration}: saved {out}/last.pt; continue with: python train.py --out "
             f"{out} --resume")
     progress.stopped = progress.stopped or "epochs"
+    if progress.history:                                           # best.pt against persistence
+        best = min(progress.history, key=selection_score)
+        held = "val" if "val_in_t" in best else "test"
+        ratio = (best[held + "_vs_persistence"] or [0, 0])[1]      # test: process 0 only
+        if ratio >= 1:
+            say(f"best.pt (epoch {best['epoch']}): " + NO_BETTER.format(
+                where=f"{held} windows", ratio=ratio))
     return progress
+
+
+NO_BETTER = ("beyond the training horizon (Out-t) the {where}' MSE is {ratio:.2f} x that of "
+             "persistence (frame 0 held): no better than holding the first frame. Try longer "
+             "training (--epochs), more trajectories, or shorter windows (--window)")
 
 
 @dataclass
@@ -304,7 +326,7 @@ class Progress:
     iteration: int = 0             # minibatches done (the epsilon schedule and eval_every count)
     summed: int = 0                # minibatches whose losses run.loss_sums holds
     elapsed: float = 0.0           # seconds of training, all sessions
-    best_train: float = math.inf   # best train In-t so far (selects best.pt)
+    best_train: float = math.inf   # best selection_score so far (chooses best.pt)
     history: list = field(default_factory=list)   # one dict per evaluation
     stopped: str = None            # why this session stopped, once it has
 
@@ -318,7 +340,8 @@ class Progress:
         return self.iteration // eval_every > before // eval_every
 
 
-# ---- evaluation: train (selection), ridge (fit), test (report only); on the device, read ONCE
+# ---- evaluation: train In-t, held-out windows (val: selection and ridge; test: report only),
+# all on the device and read ONCE
 def squared_sums(pred, truth):
     """(sum of squared errors, sum of squared truth), (2,): their ratio is the relative MSE."""
     return torch.stack([(pred - truth).pow(2).sum(), truth.pow(2).sum()])
@@ -331,77 +354,108 @@ def relative_mse(pred, truth):
 
 
 def forecast_sums(run, alpha0):
-    """alpha0 (K, R, S, D) -> (K, 2): squared_sums of K forecasts of training windows, batched."""
+    """alpha0 (K, R, S, D) -> (K, 2): squared_sums of K forecasts of training windows, batched (the
+    model's units)."""
     codes = rk4_rollout(run.model.dynamics, alpha0.flatten(0, 1), run.t)   # (K R, T_in, S, D)
     codes = codes.unflatten(0, alpha0.shape[:2])
-    return torch.stack([squared_sums(run.model.decode(run.points, c), run.values) for c in codes])
+    return torch.stack([squared_sums(run.model.decode(run.points, c, model_units=True),
+                                     run.values) for c in codes])
 
 
-def test_sums(run):
-    """(4,): squared_sums In-t, Out-t of the test windows forecast from frame 0 (full grid)."""
-    test, n = run.test, run.test.n_in_t
-    truth = test.frames.flatten(2, 3)                                     # (B, T, N, S)
-    points = test.coords.flatten(0, 1)                                    # (N, X)
-    seen = run.observed                                                   # (N_obs,) long
-    codes = run.model.forecast_codes(points[seen], truth[:, 0, seen], test.t, check=False)
-    pred = run.model.decode(points, codes)
+def window_sums(run, data):
+    """(6,): squared_sums In-t, Out-t of `data`'s windows forecast from frame 0 (fitted on the
+    observed points, scored on all, in the user's units), then persistence's squared errors (frame
+    0 held) In-t, Out-t."""
+    n, truth = data.n_in_t, data.frames.flatten(2, 3)                     # (B, T, N, S)
+    points, seen = data.coords.flatten(0, 1), run.observed                # (N, X), (N_obs,)
+    codes = run.model.forecast_codes(points[seen], truth[:, 0, seen], data.t, check=False)
+    pred, held = run.model.decode(points, codes), truth[:, :1]
     return torch.cat([squared_sums(pred[:, :n], truth[:, :n]),
-                      squared_sums(pred[:, n:], truth[:, n:])])
+                      squared_sums(pred[:, n:], truth[:, n:]),
+                      squared_sums(held, truth[:, :n])[:1], squared_sums(held, truth[:, n:])[:1]])
+
+
+def versus_persistence(sums):
+    """(..., 6) window_sums -> (..., 2): MSE In-t, Out-t as fractions of persistence's."""
+    return sums[..., [0, 2]] / sums[..., [4, 5]].clamp_min(1e-30)
 
 
 def measure(run):
     """The evaluation's numbers, on the device and summed over processes: loss sums (2), train
-    In-t of the LEARNED alpha_0 (2, selects best.pt), a non-finite flag, with the closed-form fit
-    the ridge chosen on training data (set in the model), then test In-t, Out-t (4, process 0)."""
+    In-t of the LEARNED alpha_0 (2), a non-finite flag, the ridge of the closed-form fit (chosen
+    here unless fixed: by forecasts of training windows from fitted alpha_0, or of the validation
+    windows), then window_sums of the validation windows (if any) and of the test windows (6
+    each; test in process 0 only)."""
     state = [p.detach().sum() for p in run.model.parameters()]
     state = torch.stack(state + [run.loss_sums.sum(), run.codes.weight.sum()])
     starts = [run.codes.codes[:, 0]]                                # (R, S, D) each
     choose = run.cfg.fit == "closed-form" and not run.cfg.ridge
-    if choose:
+    if choose and run.val is None:
         starts += [fit_codes_closed_form(run.model.decoder, run.coords, run.values[:, 0],
                                          ridge=r, check=False).codes for r in RIDGES]
     sums = forecast_sums(run, torch.stack(starts))                  # (1 or 1 + len(RIDGES), 2)
     flag = (~torch.isfinite(state).all()).float()[None]
     numbers = run.group.sum_(torch.cat([run.loss_sums, sums[0], flag, sums[1:].flatten()]))
-    tail = []
-    if choose:                                                    # the best forecast of training
+    if choose and run.val is None:                                # the best forecast of training
         err, ref = numbers[5:].view(-1, 2).T                      # windows from fitted alpha_0
-        ridge = run.ridges.gather(0, torch.argmin(err / ref)[None])
-        tail.append(run.model.ridge.copy_(ridge[0])[None])
-    elif run.cfg.fit == "closed-form":                            # the fixed one (build_model)
-        tail.append(run.model.ridge[None])
-    test = test_sums(run) if run.group.rank == 0 else numbers.new_zeros(4)
-    return torch.cat([numbers[:5]] + tail + [test])
+        run.model.ridge.copy_(run.ridges.gather(0, torch.argmin(err / ref)[None])[0])
+    held = []
+    if run.val is not None:                       # every process alike: the same model and data
+        ridges, tries = run.ridges if choose else run.model.ridge[None].clone(), []
+        for ridge in ridges:
+            run.model.ridge.copy_(ridge)
+            tries.append(window_sums(run, run.val))
+        tries = torch.stack(tries)                                # (ridges, 6)
+        best = torch.argmin(versus_persistence(tries).sum(-1))    # In-t + Out-t
+        run.model.ridge.copy_(ridges[best])
+        held.append(tries[best])
+    held.append(window_sums(run, run.test) if run.group.rank == 0 else numbers.new_zeros(6))
+    return torch.cat([numbers[:5], run.model.ridge[None]] + held)
 
 
 def evaluate_and_save(run, progress, *, say, out, clock):
-    """The metrics and a log line, then last.pt (and best.pt when train In-t improved)."""
+    """The metrics and a log line, then last.pt (and best.pt when the selection score improved:
+    val In-t + Out-t as fractions of persistence, or else train In-t)."""
     cfg, n, rank_0 = run.cfg, max(progress.summed, 1), run.group.rank == 0
     with torch.no_grad():
         values = measure(run).tolist()                             # the evaluation's one read
-    agreed, test = values[:-4], values[-4:]                        # agreed: equal in every process
+    agreed = values[:-6]                                           # equal in every process
     if not all(map(math.isfinite, agreed)) or agreed[4]:
         raise NonFiniteLoss(f"at epoch {progress.epoch}, iteration {progress.iteration}")
     entry = {"epoch": progress.epoch, "iteration": progress.iteration,
              "epsilon": epsilon(cfg, progress.iteration), "loss_dec": values[0] / n,
-             "loss_dyn": values[1] / n, "train_in_t": values[2] / max(values[3], 1e-30),
-             "test_in_t": test[0] / max(test[1], 1e-30) if rank_0 else None,
-             "test_out_t": test[2] / max(test[3], 1e-30) if rank_0 else None}
+             "loss_dyn": values[1] / n, "train_in_t": values[2] / max(values[3], 1e-30)}
     if cfg.fit == "closed-form":
         entry["ridge"] = values[5]
+    held = ["val"] * (run.val is not None) + ["test"]              # the held-out windows
+    for name, sums in zip(held, (values[6:12], values[12:18])):
+        mine = rank_0 or name == "val"                            # test: process 0 only
+        ratios = [sums[0] / max(sums[4], 1e-30), sums[2] / max(sums[5], 1e-30)]
+        entry.update({f"{name}_in_t": sums[0] / max(sums[1], 1e-30) if mine else None,
+                      f"{name}_out_t": sums[2] / max(sums[3], 1e-30) if mine else None,
+                      f"{name}_vs_persistence": ratios if mine else None})
     run.loss_sums.zero_()
     progress.summed = 0
     entry["elapsed"] = progress.elapsed = clock.elapsed()
     eta = clock.eta(progress, cfg.epochs * run.iterations_per_epoch)
     ridge = f" | ridge {entry['ridge']:.0e}" if "ridge" in entry else ""
+    shown = [f"{name} In-t {entry[name + '_in_t'] or 0:.2e} Out-t {entry[name + '_out_t'] or 0:.2e}"
+             + (" ({:.2f} / {:.2f} of persistence)".format(*entry[name + "_vs_persistence"])
+                if name == held[0] and rank_0 else "") for name in held]
     say(f"epoch {entry['epoch']} | iter {entry['iteration']} | eps {entry['epsilon']:.3f} | "
         f"dec {entry['loss_dec']:.2e} | dyn {entry['loss_dyn']:.2e} | train In-t "
-        f"{entry['train_in_t']:.2e} | test In-t {entry['test_in_t'] or 0:.2e} Out-t "
-        f"{entry['test_out_t'] or 0:.2e}{ridge} | {hms(entry['elapsed'])} | ETA {hms(eta)}")
+        f"{entry['train_in_t']:.2e} | {' | '.join(shown)}{ridge} | {hms(entry['elapsed'])} | "
+        f"ETA {hms(eta)}")
     progress.history.append(entry)
-    names = ["last.pt"] + (["best.pt"] if entry["train_in_t"] < progress.best_train else [])
-    progress.best_train = min(progress.best_train, entry["train_in_t"])
+    score = selection_score(entry)
+    names = ["last.pt"] + (["best.pt"] if score < progress.best_train else [])
+    progress.best_train = min(progress.best_train, score)
     save(run, progress, [os.path.join(out, name) for name in names])
+
+
+def selection_score(entry):
+    """What chooses best.pt: val In-t + Out-t as fractions of persistence, or else train In-t."""
+    return sum(entry.get("val_vs_persistence") or [entry["train_in_t"]])
 
 
 class NonFiniteLoss(RuntimeError):
@@ -431,12 +485,14 @@ class Run:
     n_windows: int                # training windows, all processes
     shard: tuple                  # (lo, hi): the windows this process owns
     iterations_per_epoch: int     # minibatches per epoch (per process under 'minibatch')
-    values: torch.Tensor          # (R, T_in, N_obs, S): its windows in the horizon, observed
+    values: torch.Tensor          # (R, T_in, N_obs, S): its windows in the horizon, observed,
+                                  # in the model's units (see Config.value_shift)
     points: torch.Tensor          # (N_obs, X) physical positions of the observed points
     coords: torch.Tensor          # (N_obs, X) the same, mapped for the decoder
-    t: torch.Tensor               # (T_in,) frame times inside the horizon
+    t: torch.Tensor               # (T_in,) frame times inside the horizon, the model's units
     mask: torch.Tensor            # (H, W) bool: the observed grid points
     observed: torch.Tensor        # (N_obs,) long: their indices in the flattened grid
+    val: object                   # PDEData: held-out training trajectories (selection), or None
     test: object                  # PDEData: the test split (report only)
     ridges: torch.Tensor          # (len(RIDGES),) the candidate ridges, on the device
     chunk: int                    # windows per chunk of a training step (memory)
@@ -452,6 +508,7 @@ def setup(cfg, *, device, data_dir):
     group = Group(device)
     train_set, test = load_data(cfg, device=device, data_dir=data_dir, group=group)
     mask = observation_mask(train_set, cfg.subsampling, cfg.mask_seed)          # (H, W)
+    train_set, val = split_off_validation(cfg, train_set)
     n_windows, n_in = len(train_set.frames), train_set.n_in_t
     if group.world > n_windows:
         raise BadData(f"{group.world} processes for {n_windows} training windows: each process "
@@ -463,6 +520,7 @@ def setup(cfg, *, device, data_dir):
     points = train_set.coords.flatten(0, 1)[observed]                           # (N_obs, X)
     torch.manual_seed(cfg.seed)                                   # the same networks everywhere
     model = build_model(cfg, coord_dim=points.shape[-1], n_channels=values.shape[-1]).to(device)
+    values = model.map_values(values)                             # the model's units from here
     params = list(model.parameters())
     flat_grad = torch.zeros(sum(p.numel() for p in params), device=device)
     for p, grad in zip(params, flat_grad.split([p.numel() for p in params])):
@@ -476,10 +534,31 @@ def setup(cfg, *, device, data_dir):
                codes=codes.to(device), generator=torch.Generator().manual_seed(cfg.seed + 1),
                n_windows=n_windows, shard=(lo, hi),
                iterations_per_epoch=-(-per_process // cfg.batch_size), values=values,
-               points=points, coords=model.map_coords(points), t=train_set.t[:n_in], mask=mask,
-               observed=observed, test=test, ridges=torch.tensor(RIDGES, device=device),
+               points=points, coords=model.map_coords(points), mask=mask, observed=observed,
+               t=model.map_times(train_set.t[:n_in]), val=val, test=test,
+               ridges=torch.tensor(RIDGES, device=device),
                chunk=max(1, chunk_values(device) // values[0].numel()),
                loss_sums=torch.zeros(2, device=device))
+
+
+def split_off_validation(cfg, data):
+    """(windows trained on, held-out windows or None) of a training split of n_train or more
+    trajectories: the windows after the first n_train - held_out(cfg) trajectories are held out
+    (windows are stored trajectory by trajectory)."""
+    cut = (cfg.n_train - held_out(cfg)) * SPECS[cfg.pde].windows
+    if cut == len(data.frames):
+        return data, None
+    return (replace(data, frames=data.frames[:cut], trajectory=data.trajectory[:cut]),
+            replace(data, split="val", frames=data.frames[cut:], trajectory=data.trajectory[cut:]))
+
+
+def held_out(cfg):
+    """How many of the n_train trajectories validate (BadData unless some are left to train)."""
+    n_val = math.ceil(cfg.val_share * cfg.n_train)
+    if n_val >= cfg.n_train:
+        raise BadData(f"--val-share {cfg.val_share} holds out {n_val} of {cfg.n_train} training "
+                      f"trajectories: leave at least one to train on")
+    return n_val
 
 
 def chunk_values(device):
@@ -598,6 +677,7 @@ def save(run, progress, paths):
         state = to_cpu({"model": run.model.state_dict(), "codes": codes, "mask": run.mask,
                         "optimiser": run.optimiser.state_dict(), "loss_sums": run.loss_sums})
         state.update(format=FORMAT, config=asdict(run.cfg), coord_dim=run.points.shape[-1],
+                     data_sha256=SPECS[run.cfg.pde].settings.get("sha256"),
                      n_channels=run.values.shape[-1], world_size=run.group.world,
                      progress={f.name: getattr(progress, f.name) for f in fields(progress)
                                if f.name != "stopped"})
@@ -662,15 +742,21 @@ def load_checkpoint(path):
     return state
 
 
-def model_from_checkpoint(state, device="cpu"):
-    """(DINo, Config) from a checkpoint dict, ready to forecast on `device`."""
+def model_from_checkpoint(state, device="cpu", data=None):
+    """(DINo, Config) from a checkpoint dict, ready to forecast on `device`. A run on your own
+    data reads its file again (or `data`, the same file moved), which must hold what it held."""
     try:
         cfg = Config(**state["config"])
-        if cfg.pde.endswith(".npz"):                # your own data: read (and checked) again
-            solvers.register_file(cfg.pde, window=cfg.window)
+        if cfg.pde.endswith(".npz"):
+            digest = state.get("data_sha256")
+            if data is None and not os.path.isfile(cfg.pde):
+                raise ValueError(f"the run's data file {cfg.pde!r} is missing (moved? give --data "
+                                 f"NEWPATH; its sha256: {digest})")
+            cfg = replace(cfg, pde=solvers.register_file(data or cfg.pde, window=cfg.window,
+                                                         sha256=digest))
         model = build_model(cfg, coord_dim=state["coord_dim"], n_channels=state["n_channels"])
         model.to(device).load_state_dict(state["model"])
-    except (TypeError, RuntimeError, ValueError) as err:
+    except (TypeError, RuntimeError) as err:
         raise ValueError(f"the checkpoint's model does not load ({type(err).__name__}: "
                          f"{str(err).splitlines()[0]})") from None
     return model.eval(), cfg
@@ -830,25 +916,39 @@ def resolve(args):
     return cfg, None, out, device, label
 
 
+STEP = 0.25   # your own data: the frame spacing in the model's time units
+
+
 def own_preset(pde, preset):
     """The preset of a PDE not in CONFIGS (your own file or solver): the quick or paper sizes, its
-    data's counts and grid, its coordinates' bounding box mapped to [0, 0.5] per axis."""
+    data's counts and grid, the model's units: its coordinates' bounding box mapped to [0, 0.5]
+    per axis, its frame spacing to STEP and (a file) each channel to mean 0 and variance 1 over
+    the training split, whose last eighth then validates."""
     spec = SPECS[pde]
     coords = spec.coords(spec.sizes["train"]).flatten(0, -2)       # (N, X)
     low, span = coords.amin(0), (coords.amax(0) - coords.amin(0)).clamp_min(1e-12)
-    return replace(PAPER if preset == "paper" else QUICK, pde=pde, size=spec.sizes["train"],
-                   n_train=spec.trajectories["train"], n_test=spec.trajectories["test"],
-                   coord_shift=tuple((-low).tolist()), coord_scale=tuple((0.5 / span).tolist()))
+    cfg = replace(PAPER if preset == "paper" else QUICK, pde=pde, size=spec.sizes["train"],
+                  n_train=spec.trajectories["train"], n_test=spec.trajectories["test"],
+                  coord_shift=tuple((-low).tolist()), coord_scale=tuple((0.5 / span).tolist()),
+                  time_scale=STEP / spec.spacing)
+    if spec.arrays is None:
+        return cfg
+    frames = spec.arrays["train"]                                  # (n, T, H, W, S) numpy
+    mean, std = frames.mean(axis=(0, 1, 2, 3)), frames.std(axis=(0, 1, 2, 3))
+    return replace(cfg, value_shift=tuple((-mean).tolist()),
+                   value_scale=tuple((1 / std.clip(1e-30)).tolist()), val_share=0.125)
 
 
 def resume_settings(args, given, device):
     if args.out is None:
         raise ValueError("--resume needs --out RUN_FOLDER (the run to continue)")
     state = load_checkpoint(os.path.join(args.out, "last.pt"))
-    cfg, done = replace(model_from_checkpoint(state)[1], **given), state["progress"]["epoch"]
-    if args.pde not in (None, cfg.pde) or args.data or args.preset or set(given) - {"epochs"}:
+    cfg = replace(model_from_checkpoint(state, data=args.data)[1], **given)
+    if args.pde not in (None, cfg.pde) or args.preset or set(given) - {"epochs"}:
         raise ValueError(f"--resume continues {args.out!r} with its own settings ({cfg.pde}); only "
-                         f"--epochs, --minutes, --device, --threads and --data-dir may be given")
+                         f"--epochs, --minutes, --device, --threads, --data (the same file, "
+                         f"moved) and --data-dir may be given")
+    done = state["progress"]["epoch"]
     if cfg.epochs <= done:
         raise ValueError(f"--epochs {cfg.epochs}: the run in {args.out!r} is already at epoch "
                          f"{done}; give a larger --epochs to continue it")
