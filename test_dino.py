@@ -175,7 +175,7 @@ def test_navier_stokes_fourth_order_in_dt_on_forced_grf():
     assert all(3.5 < p < 4.5 for p in orders), (errors, orders)
 
 
-def test_navier_stokes_refuses_unstable_step_and_adapts():
+def test_navier_stokes_refuses_unstable_step_and_redoes_only_what_overran(monkeypatch):
     w0 = 20 * grf.sample_grf(16, seeds=[3], dtype=torch.float64)
     with pytest.raises(ValueError, match="dt=0.5"):
         solvers.solve_navier_stokes(w0, [0.5], dt=0.5)
@@ -184,6 +184,20 @@ def test_navier_stokes_refuses_unstable_step_and_adapts():
     # A trajectory's result does not depend on the batch it is solved in (own step count).
     both = solvers.solve_navier_stokes(torch.cat([w0, 0.1 * w0]), [0.25, 0.5])
     assert torch.allclose(both[:1], out, rtol=0, atol=1e-12)
+    # Planned at cfl 2.5, checked at max_cfl 2.0: the strong flow overruns and is redone alone
+    # (one row, doubled steps), the weak one is not recomputed; each still equals itself alone.
+    rows, real = [], solvers._ns_steps
+
+    def spy(w_h, span, steps, *args, **kwargs):
+        rows.append(len(w_h))
+        return real(w_h, span, steps, *args, **kwargs)
+    monkeypatch.setattr(solvers, "_ns_steps", spy)
+    strict = dict(cfl=2.5, max_cfl=2.0)
+    both = solvers.solve_navier_stokes(torch.cat([w0, 0.1 * w0]), [0.25, 0.5], **strict)
+    assert rows == [2, 1, 2, 1]
+    for k, w in enumerate((w0, 0.1 * w0)):
+        alone = solvers.solve_navier_stokes(w, [0.25, 0.5], **strict)
+        assert torch.allclose(both[k:k + 1], alone, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="non-decreasing"):
         solvers.solve_navier_stokes(w0, [1.0, 0.5])
 
