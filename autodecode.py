@@ -305,7 +305,11 @@ class DINo(nn.Module):
         self.decoder = Decoder(coord_dim=coord_dim, code_dim=code_dim, hidden=hidden, layers=layers,
                                input_scale=input_scale)
         self.dynamics = Dynamics(n_channels=n_channels, code_dim=code_dim, hidden=dyn_hidden)
-        self.coord_shift, self.coord_scale = coord_shift, coord_scale
+        # the map's numbers, () or (X,), held once: they go with .to(device) and the dtype, so no
+        # call copies them over; not in the state_dict (the Config holds them)
+        for name, value in (("coord_shift", coord_shift), ("coord_scale", coord_scale)):
+            self.register_buffer(name, torch.tensor(value, dtype=torch.get_default_dtype()),
+                                 persistent=False)
         self.fit, self.fit_steps, self.fit_lr = fit, fit_steps, fit_lr
         # the ridge of the closed-form fit; train.py chooses it
         self.register_buffer("ridge", torch.tensor(1e-2))
@@ -315,7 +319,7 @@ class DINo(nn.Module):
 
     def map_coords(self, coords):
         """Physical positions (..., X) -> decoder inputs (the affine map above)."""
-        return (self._like(coords) + self._like(self.coord_shift)) * self._like(self.coord_scale)
+        return (self._like(coords) + self.coord_shift) * self.coord_scale
 
     def fit_codes(self, coords, values, *, check=True):
         """alpha_0 (B, S, D) of observations values (B, N, S) at coords (N, X): a FitResult."""

@@ -1822,6 +1822,13 @@ def test_forecast_is_the_evaluation_path_and_refuses_bad_input(tiny_run, data_di
                                pred[:, perm])
     torch.testing.assert_close(model.forecast(coords.double(), values0[0].double(),
                                               test.t.double(), coords), pred)
+    # the coordinate map's numbers live on the model (its device and dtype): mapping points of
+    # the model's dtype is an add and a multiply, no tensor made or copied per call
+    counter = CountOps()
+    with counter:
+        mapped = model.map_coords(coords)
+    assert counter.ops == 2 and torch.equal(mapped, (coords + 1.0) * 0.25)
+    assert not {"coord_shift", "coord_scale"} & model.state_dict().keys()
     bad_value, bad_coord = values0[0].clone(), coords.clone()
     bad_value[3, 0], bad_coord[5, 1] = float("nan"), float("nan")
     sample = values0[0]                                  # one sample's frame 0
