@@ -1667,17 +1667,20 @@ def test_more_processes_than_windows_is_refused(tmp_path, data_dir):
 def test_more_processes_than_gpus_is_refused_before_anything_is_written(tmp_path, monkeypatch,
                                                                         capsys):
     # torchrun starting 2 processes on a machine with 1 GPU: one line naming both counts, exit 2,
-    # before the process group or any file (faked CUDA: this machine has none)
+    # before the process group or any file (faked CUDA: this machine has none). A launcher that
+    # sets LOCAL_RANK but not LOCAL_WORLD_SIZE (Slurm-style): one line naming what is missing.
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     for module in (solvers, train_py):      # train.py resolves through solvers (or its own import)
         monkeypatch.setattr(module, "resolve_device", lambda name: "cuda", raising=False)
-    printed = refused(train_py.main, ["--pde", "heat", "--device", "cuda", "--out",
-                                      str(tmp_path / "run")],
-                      "2 processes on this machine but 1 GPU(s)", capsys,
+    argv = ["--pde", "heat", "--device", "cuda", "--out", str(tmp_path / "run")]
+    printed = refused(train_py.main, argv, "2 processes on this machine but 1 GPU(s)", capsys,
                       nothing_at=tmp_path / "run")
     assert "--nproc_per_node=1" in printed.err
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    refused(train_py.main, argv, "LOCAL_RANK is set but LOCAL_WORLD_SIZE (the processes on this "
+            "machine) is not", capsys, nothing_at=tmp_path / "run")
 
 
 def test_processes_agree_to_stop_at_evaluations_and_every_few_steps(monkeypatch):

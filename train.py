@@ -265,9 +265,8 @@ def train(cfg, *, out, device="cpu", minutes=None, resume=None, data_dir="data",
     with stop_requests() as asked:
         while progress.epoch < cfg.epochs and not progress.stopped:
             plan = plan_epoch(run, progress)
-            drops = sum(0 < e <= progress.epoch for e in (cfg.lr_drop_epoch,
-                                                         cfg.lr_drop_again_epoch))
-            drop = 0.1 ** drops
+            drop = 0.1 ** sum(0 < e <= progress.epoch for e in (cfg.lr_drop_epoch,
+                                                                cfg.lr_drop_again_epoch))
             for group, lr in zip(run.optimiser.param_groups, (cfg.lr_decoder, cfg.lr_dynamics)):
                 group["lr"] = lr * drop                            # this epoch's network rates
             for s in plan.steps[progress.step:]:
@@ -561,17 +560,18 @@ class Group:
 
 def start_processes(device):
     """Pin this process to its device (returned) and, under torchrun, join the process group."""
-    local = os.environ.get("LOCAL_RANK")
-    if device.startswith("cuda") and local is not None:
-        gpus, here = torch.cuda.device_count(), int(os.environ["LOCAL_WORLD_SIZE"])
-        if here > gpus:
-            raise BadData(f"{here} processes on this machine but {gpus} GPU(s): start at most "
+    local, cuda = os.environ.get("LOCAL_RANK"), device.startswith("cuda")
+    if cuda and local is not None:
+        gpus, here = torch.cuda.device_count(), os.environ.get("LOCAL_WORLD_SIZE")
+        if here is None or int(here) > gpus:   # Slurm-style launchers may set LOCAL_RANK only
+            raise BadData("LOCAL_RANK is set but LOCAL_WORLD_SIZE (the processes on this machine) "
+                          "is not: set both, as torchrun does" if here is None else
+                          f"{here} processes on this machine but {gpus} GPU(s): start at most "
                           f"{gpus} (torchrun --nproc_per_node={gpus}), or use --device cpu")
         device = f"cuda:{local}"
     if torch.device(device).index is not None:
         torch.cuda.set_device(device)               # pinned memory and NCCL use this GPU
     if local is not None:
-        cuda = device.startswith("cuda")
         dist.init_process_group("nccl" if cuda else "gloo", timeout=GROUP_TIMEOUT,
                                 device_id=torch.device(device) if cuda else None)
     return device
