@@ -434,7 +434,7 @@ class Run:
     points: torch.Tensor          # (N_obs, X) physical positions of the observed points
     coords: torch.Tensor          # (N_obs, X) the same, mapped for the decoder
     t: torch.Tensor               # (T_in,) frame times inside the horizon
-    mask: torch.Tensor            # (H, W) bool: the observed grid points
+    mask: torch.Tensor            # (H, W) bool: the observed grid points (CPU: saved as is)
     observed: torch.Tensor        # (N_obs,) long: their indices in the flattened grid
     test: object                  # PDEData: the test split (report only)
     ridges: torch.Tensor          # (len(RIDGES),) the candidate ridges, on the device
@@ -450,14 +450,14 @@ class Run:
 def setup(cfg, *, device, data_dir):
     group = Group(device)
     train_set, test = load_data(cfg, device=device, data_dir=data_dir, group=group)
-    mask = observation_mask(train_set, cfg.subsampling, cfg.mask_seed)          # (H, W)
+    mask = observation_mask(train_set, cfg.subsampling, cfg.mask_seed).cpu()    # (H, W)
     n_windows, n_in = len(train_set.frames), train_set.n_in_t
     if group.world > n_windows:
         raise BadData(f"{group.world} processes for {n_windows} training windows: each process "
                       f"needs at least one; use at most {n_windows} processes")
     shards = group.shards(n_windows)
     lo, hi = shards[group.rank]
-    observed = mask.flatten().nonzero().squeeze(1)                              # (N_obs,)
+    observed = mask.flatten().nonzero().squeeze(1).to(device)                   # (N_obs,)
     values = train_set.frames[lo:hi, :n_in].flatten(2, 3)[:, :, observed]       # (R, T, N, S)
     points = train_set.coords.flatten(0, 1)[observed]                           # (N_obs, X)
     torch.manual_seed(cfg.seed)                                   # the same networks everywhere
