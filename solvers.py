@@ -692,13 +692,14 @@ GPU_SLACK = 40  # dataset makers' memory per output byte (generous: a few dozen 
 
 
 def make_heat(split, indices, size, *, diffusivity=0.1, n_frames=40, spacing=0.25, verbose=False,
-              device="cpu"):
+              device="cpu", dtype=torch.float32):
     """(n, n_frames, size, size, 1): GRF(alpha 2.5, tau 7) on the 64x64 cell centres of [-1,1]^2.
-    Solved in float32 (exact in time; ~1e-6 relative round-off), evaluated on size x size."""
+    Solved in float32 by default (exact in time; ~1e-6 relative round-off), on size x size."""
     times = spacing * torch.arange(n_frames)
 
     def make_batch(idx):
-        u0 = sample_grf(64, [trajectory_seed(split, i) for i in idx], device=device)  # (b, 64, 64)
+        seeds = [trajectory_seed(split, i) for i in idx]
+        u0 = sample_grf(64, seeds, dtype=dtype, device=device)                  # (b, 64, 64)
         return resample(solve_heat(u0, times, diffusivity=diffusivity), size, boundary="cosine")
     return in_batches(make_batch, indices, batch=16, label=f"heat {split}", verbose=verbose,
                       device=device, bytes_each=4 * n_frames * max(size, 64) ** 2)
@@ -723,13 +724,13 @@ def wave_bump(size, seeds, *, dtype=torch.float64):
 
 
 def make_wave(split, indices, size, *, speed=1.0 / 16, n_frames=160, spacing=0.25, verbose=False,
-              device="cpu"):
+              device="cpu", dtype=torch.float32):
     """(n, n_frames, size, size, 2): bump at rest on the periodic 64x64 grid, channels (u, du/dt).
-    Solved in float32 (exact in time), evaluated on size x size."""
+    Solved in float32 by default (exact in time), evaluated on size x size."""
     times = spacing * torch.arange(n_frames)
 
     def make_batch(idx):
-        u0 = wave_bump(64, [trajectory_seed(split, i) for i in idx], dtype=torch.float32).to(device)
+        u0 = wave_bump(64, [trajectory_seed(split, i) for i in idx], dtype=dtype).to(device)
         frames = solve_wave(u0, torch.zeros_like(u0), times, speed=speed)
         return resample(frames, size, boundary="periodic")
     return in_batches(make_batch, indices, batch=4, label=f"wave {split}", verbose=verbose,
