@@ -2173,6 +2173,7 @@ def test_the_prepared_gpu_run_at_tiny_size_on_the_cpu(gpu_run_twice):
     assert all(entry["status"] == "ok" for entry in steps.values()), steps
     # the data are compared for real: float32 against float64, not a build with itself
     assert all(0 < steps["data"][pde]["relative_l2"] <= limit for pde, limit in AGREEMENT.items())
+    assert len(steps["data"]["built_here"]) == 2                      # train and test, this run
     probe = steps["epoch"]
     assert probe["ops"] <= 5000 and probe["host_reads"] == 0 and probe["profiled_cpu_events"] > 0
     assert probe["epoch_ms"] > 0 and probe["evaluation_ms"] > 0
@@ -2194,23 +2195,28 @@ def test_the_prepared_gpu_run_at_tiny_size_on_the_cpu(gpu_run_twice):
 @pytest.fixture(scope="module")
 def gpu_run_twice(tmp_path_factory):
     """The tiny gpu-run on the CPU into OUT (its summary also in OUT/kept), then a second run into
-    the same OUT whose training fails: (OUT, the first summary, the second)."""
+    the same OUT whose cached Navier-Stokes set reads 1% off (as a bad GPU build would) and whose
+    training fails, with quick stand-ins for the steps between: (OUT, the first summary, the
+    second)."""
     out = tmp_path_factory.mktemp("gpu")
     first = gpu_run(str(out), device="cpu", tiny=True, budget=5.0, log=lambda line: None,
                     summary_path=str(out / "kept" / "summary.json"))
     kept = (out / "run-1" / "summary.json").read_bytes()
-    module = sys.modules[__name__]
-    real = {name: getattr(module, name) for name in ("build_and_compare", "epoch_probe",
-                                                      "exact_resume", "two_processes",
-                                                      "heat_command", "train_paper")}
-    try:                  # the second run: quick stand-ins for the steps before the evaluation
+    module, load = sys.modules[__name__], solvers.load_dataset
+    real = {name: getattr(module, name) for name in ("epoch_probe", "exact_resume",
+                                                      "two_processes", "heat_command",
+                                                      "train_paper")}
+    try:
         for name in real:
             setattr(module, name, lambda *args: {"stand_in": True})
         module.train_paper = lambda *args: 1 / 0
+        solvers.load_dataset = lambda *args, **kwargs: replace(
+            load(*args, **kwargs), frames=load(*args, **kwargs).frames * 1.01)
         second = gpu_run(str(out), device="cpu", tiny=True, budget=5.0, log=lambda line: None)
     finally:
         for name, function in real.items():
             setattr(module, name, function)
+        solvers.load_dataset = load
     assert (out / "run-1" / "summary.json").read_bytes() == kept
     return out, first, second
 
@@ -2226,18 +2232,11 @@ def test_a_second_gpu_run_into_the_same_out_never_reports_on_the_first_runs_file
         assert steps[name]["status"].startswith("FAILED") and "run-2" in steps[name]["status"]
 
 
-def test_the_data_step_fails_on_a_perturbed_copy_and_keeps_its_numbers(gpu_run_twice,
-                                                                      monkeypatch):
-    out, _, _ = gpu_run_twice
-    real = solvers.load_dataset
-
-    def perturbed(*args, **kwargs):                 # the cached set, 1% off: as a bad GPU build
-        data = real(*args, **kwargs)
-        return replace(data, frames=data.frames * 1.01)
-    monkeypatch.setattr(solvers, "load_dataset", perturbed)
-    result = build_and_compare(str(out / "data"), "cpu", TINY_SIZES)
-    assert result["failed"].startswith("navier-stokes: relative L2 1.0e-02 > 0.001")
-    assert result["heat"]["relative_l2"] <= 1e-5 and result["wave"]["relative_l2"] <= 1e-5
+def test_the_data_step_fails_on_a_perturbed_copy_and_keeps_its_numbers(gpu_run_twice):
+    data = gpu_run_twice[2]["steps"]["data"]
+    assert data["status"].startswith("FAILED: navier-stokes: relative L2 1.0e-02 > 0.001")
+    assert data["heat"]["relative_l2"] <= 1e-5 and data["wave"]["relative_l2"] <= 1e-5
+    assert data["built_here"] == []                  # the second run found the sets cached
 
 
 def test_the_epoch_probe_keeps_each_parts_numbers_and_resets_sync_debug(gpu_run_twice,
@@ -2301,6 +2300,19 @@ def test_a_step_past_the_budget_is_ended_with_every_process_it_started(tmp_path,
             for _ in range(50):
                 os.killpg(group, 0)
                 time.sleep(0.1)
+
+
+def test_gpu_run_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    cases = [(["--budget", "0"], "--budget 0.0 must be a finite number of minutes > 0"),
+             (["--summary", str(tmp_path / "file" / "summary.json")], "--summary")]
+    (tmp_path / "file").write_text("a file, not a folder")
+    runs = [subprocess.Popen([sys.executable, "test_dino.py", "gpu-run", "--device", "cpu",
+                              "--out", str(tmp_path / "out"), *argv], cwd=HERE,
+                             stderr=subprocess.PIPE, text=True) for argv, _ in cases]
+    for proc, (_, message) in zip(runs, cases):
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_alarm_raises_in_the_main_thread_and_restores_the_previous_handler():
@@ -2587,25 +2599,26 @@ def build_and_compare(data, device, sizes):
     the training set's first trajectories of heat, wave and Navier-Stokes as the run has them
     (float32 on `device`; Navier-Stokes: the cached set the training reads) against a CPU
     float64 build: the relative L2 of each, the step failed above AGREEMENT."""
-    size, n = sizes.get("size", 64), sizes.get("n_train", 256)
-    start = time.perf_counter()
+    size, n, k = sizes.get("size", 64), sizes.get("n_train", 256), 1 if sizes else 2
+    cached, start = set(os.listdir(data)) if os.path.isdir(data) else set(), time.perf_counter()
     sets = {split: solvers.load_dataset("navier-stokes", split, size=size, n_trajectories=count,
                                         data_dir=data, device=device, verbose=False)
             for split, count in (("train", n), ("test", sizes.get("n_test", 16)))}
     sync(device)
-    result, k = {"build_s": round(time.perf_counter() - start, 1)}, 1 if sizes else 2
+    built = sorted(set(os.listdir(data)) - cached)   # [] when an earlier run's cache had them
+    result = {"build_s": round(time.perf_counter() - start, 1), "built_here": built}
     for pde, limit in AGREEMENT.items():
         spec = solvers.SPECS[pde]
         reference = spec.make("train", range(k), size, dtype=torch.float64)   # (k, T, H, W, S)
         if pde == "navier-stokes":      # its windows (k windows, window, H, W, S) end to end
-            built = sets["train"].frames[:k * spec.windows].reshape(reference.shape)
+            run_has = sets["train"].frames[:k * spec.windows].reshape(reference.shape)
         else:
-            built = spec.make("train", range(k), size, device=device)
-        error = ((built.cpu().double() - reference).norm() / reference.norm()).item()
+            run_has = spec.make("train", range(k), size, device=device)
+        error = ((run_has.cpu().double() - reference).norm() / reference.norm()).item()
         result[pde] = {"relative_l2": error, "limit": limit, "trajectories": k}
         if not error <= limit:
-            result.setdefault("failed", f"{pde}: relative L2 {error:.1e} > {limit} between the "
-                                        f"{device} build and the CPU's")
+            result.setdefault("failed", f"{pde}: relative L2 {error:.1e} > {limit} (float32 on "
+                                        f"{device} against float64 on the CPU)")
     return result
 
 
@@ -2841,8 +2854,12 @@ if __name__ == "__main__":
         args = cli.parse_args()
         if not (math.isfinite(args.budget) and args.budget > 0):
             cli.error(f"--budget {args.budget} must be a finite number of minutes > 0")
-        try:
+        try:                    # bad input: one line, exit 2, before anything is written
             device = solvers.resolve_device(args.device)
+            solvers.check_writable(args.out)
+            if args.summary:
+                solvers.check_writable(os.path.dirname(os.path.abspath(args.summary)),
+                                       name="--summary")
         except ValueError as err:
             cli.error(str(err))
         summary = gpu_run(args.out, device=device, budget=args.budget, tiny=args.tiny,
