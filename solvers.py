@@ -135,7 +135,8 @@ SPECS = {
                       dt=600.0, hyperdiffusion=SPHERE_HYPERDIFFUSION,
                       scheme="IMEX RK222, 3/2 padding", units="h'/R*3000, zeta[1/h]*2")),
 }
-CACHE_VERSION = 1  # bump when a generator changes in a way the settings do not show
+CACHE_VERSION = 2  # bump when a generator changes in a way the settings do not show (2: the
+# Navier-Stokes spin-up re-planned every time unit)
 
 
 def load_dataset(pde, split, *, size=None, data_dir="data", n_trajectories=None, device="cpu",
@@ -602,13 +603,14 @@ def solve_navier_stokes(w0, t, *, viscosity=1e-3, forcing=None, dt=None, cfl=2.0
     pseudo-spectral (2/3 de-aliasing), Lawson IF-RK4: order 4 in time, spectral in space.
     w0 (B, H, W) vorticity, t (T,) non-decreasing output times >= 0 -> (B, T, H, W, 1).
     forcing: (H, W) tensor or None (= no forcing; use ns_forcing(n) for the paper's). Time step:
-    dt=None picks, per trajectory and per output interval, the largest step with Courant number
-    dt * max(|u| + |v|) * k_max <= cfl (k_max the largest de-aliased wavenumber; RK4 is stable up
-    to 2.83 on the imaginary axis). If a step then exceeds max_cfl or produces a non-finite value,
-    that trajectory's interval is redone with half the step (up to max_halvings times) before a
-    RuntimeError. A fixed dt (for convergence studies) is refused with a ValueError when it
-    exceeds max_cfl. Each trajectory's steps depend on it alone, so a trajectory does not change
-    with the batch it is computed in."""
+    dt=None picks, per trajectory and per interval (an output interval, cut into pieces of at most
+    one time unit), the largest step with Courant number dt * max(|u| + |v|) * k_max <= cfl
+    (k_max the largest de-aliased wavenumber; RK4 is stable up to 2.83 on the imaginary axis). If
+    a step then exceeds max_cfl or produces a non-finite value, that trajectory alone redoes the
+    interval with half the step (up to max_halvings times) before a RuntimeError. A fixed dt
+    (for convergence studies) is refused with a ValueError when it exceeds max_cfl. Each
+    trajectory's steps depend on it alone, so a trajectory does not change with the batch it is
+    computed in."""
     b, nx, ny = w0.shape
     opts = dict(dtype=w0.dtype, device=w0.device)
     if not torch.isfinite(w0).all():
@@ -623,39 +625,54 @@ def solve_navier_stokes(w0, t, *, viscosity=1e-3, forcing=None, dt=None, cfl=2.0
            torch.zeros(nx, ny // 2 + 1, dtype=torch.fft.rfft2(w0[:1]).dtype, device=w0.device))
     w_h, now, frames = torch.fft.rfft2(w0), 0.0, []
     for target in t:
-        if target > now:
-            w_h = _ns_interval(w_h, target - now, ops, viscosity=viscosity, f_h=f_h, dt=dt,
+        # at most one time unit at a time, each planned from the Courant number at its start: over
+        # a long span (the 30-unit spin-up) the flow speeds up, and steps planned once at the
+        # start would overrun max_cfl and be redone
+        while target > now:
+            later = min(target, now + 1.0)
+            w_h = _ns_interval(w_h, later - now, ops, viscosity=viscosity, f_h=f_h, dt=dt,
                                cfl=cfl, max_cfl=max_cfl, max_halvings=max_halvings)
-        now = target
+            now = later
         frames.append(torch.fft.irfft2(w_h, s=(nx, ny)))
     return torch.stack(frames, dim=1).unsqueeze(-1)  # (B, T, H, W, 1)
 
 
 def _ns_interval(w_h, span, ops, *, viscosity, f_h, dt, cfl, max_cfl, max_halvings):
-    """Advance every trajectory by `span`, each with its own number of equal steps."""
+    """Advance every trajectory by `span`, each with its own number of equal steps; only the
+    trajectories that overran max_cfl (or went non-finite) are redone, at twice their steps."""
     b = w_h.shape[0]  # dt=None: steps from each trajectory's Courant bound at the interval's start
     steps = (torch.ceil(span * ns_advection_and_rate(w_h, ops).rate / cfl).clamp_min(1)
              if dt is None else torch.full((b,), math.ceil(span / dt - 1e-9), dtype=torch.float64))
-    steps = steps.to(torch.float64).cpu()
-    for attempt in range(max_halvings + 1):
-        steps_dev = steps.to(w_h.device)
-        dt_b = (span / steps_dev).to(ops.lap.dtype)[:, None, None]  # (B, 1, 1) own step each
-        state, worst = w_h, torch.zeros(b, dtype=ops.lap.dtype, device=w_h.device)
-        for i in range(int(steps.max())):
-            active = i < steps_dev  # (B,) trajectories still stepping
-            new, courant = _ifrk4_step(state, dt_b, ops, viscosity=viscosity, f_h=f_h)
-            state = torch.where(active[:, None, None], new, state)
-            worst = torch.maximum(worst, torch.where(active, courant, 0.0))  # NaN propagates
-        bad = (~(worst <= max_cfl) | ~torch.isfinite(state).all(dim=(-2, -1))).cpu()  # (B,)
+    steps, todo, done = steps.to(torch.float64).cpu(), torch.arange(b), w_h  # todo: rows stepped
+    for attempt in range(max_halvings + 1):     # the first time all rows: no index to copy over
+        start = w_h if attempt == 0 else w_h[todo.to(w_h.device)]
+        state, worst = _ns_steps(start, span, steps[todo], ops, viscosity=viscosity, f_h=f_h)
+        bad = (~(worst <= max_cfl) | ~torch.isfinite(state).all(dim=(-2, -1))).cpu()  # (todo,)
+        done = state if attempt == 0 else done.index_copy(0, todo.to(w_h.device), state)
         if not bad.any():
-            return state
+            return done
         if dt is not None:
             raise ValueError(f"dt={dt} is unstable here: Courant number {worst.max():.2f} > "
                              f"max_cfl={max_cfl} (or non-finite values); "
                              "use a smaller dt or dt=None")
-        steps = torch.where(bad, 2 * steps, steps)  # only the failing trajectories change
+        todo = todo[bad]
+        steps[todo] *= 2
     raise RuntimeError(f"Navier-Stokes step still unstable after {max_halvings} halvings for "
-                       f"trajectories {bad.nonzero().flatten().tolist()}: the state is blowing up")
+                       f"trajectories {todo.tolist()}: the state is blowing up")
+
+
+def _ns_steps(w_h, span, steps, ops, *, viscosity, f_h):
+    """w_h (B, H, W//2+1) advanced by `span` in steps (B,) (CPU, float64) equal steps each ->
+    (state, (B,) largest Courant number met)."""
+    steps_dev = steps.to(w_h.device)
+    dt_b = (span / steps_dev).to(ops.lap.dtype)[:, None, None]  # (B, 1, 1) own step each
+    state, worst = w_h, torch.zeros(len(w_h), dtype=ops.lap.dtype, device=w_h.device)
+    for i in range(int(steps.max())):
+        active = i < steps_dev  # (B,) trajectories still stepping
+        new, courant = _ifrk4_step(state, dt_b, ops, viscosity=viscosity, f_h=f_h)
+        state = torch.where(active[:, None, None], new, state)
+        worst = torch.maximum(worst, torch.where(active, courant, 0.0))  # NaN propagates
+    return state, worst
 
 
 # ---------------------------------------------------------------- the dataset makers
@@ -688,13 +705,14 @@ GPU_SLACK = 40  # dataset makers' memory per output byte (generous: a few dozen 
 
 
 def make_heat(split, indices, size, *, diffusivity=0.1, n_frames=40, spacing=0.25, verbose=False,
-              device="cpu"):
+              device="cpu", dtype=torch.float32):
     """(n, n_frames, size, size, 1): GRF(alpha 2.5, tau 7) on the 64x64 cell centres of [-1,1]^2.
-    Solved in float32 (exact in time; ~1e-6 relative round-off), evaluated on size x size."""
+    Solved in float32 by default (exact in time; ~1e-6 relative round-off), on size x size."""
     times = spacing * torch.arange(n_frames)
 
     def make_batch(idx):
-        u0 = sample_grf(64, [trajectory_seed(split, i) for i in idx], device=device)  # (b, 64, 64)
+        seeds = [trajectory_seed(split, i) for i in idx]
+        u0 = sample_grf(64, seeds, dtype=dtype, device=device)                  # (b, 64, 64)
         return resample(solve_heat(u0, times, diffusivity=diffusivity), size, boundary="cosine")
     return in_batches(make_batch, indices, batch=16, label=f"heat {split}", verbose=verbose,
                       device=device, bytes_each=4 * n_frames * max(size, 64) ** 2)
@@ -719,13 +737,13 @@ def wave_bump(size, seeds, *, dtype=torch.float64):
 
 
 def make_wave(split, indices, size, *, speed=1.0 / 16, n_frames=160, spacing=0.25, verbose=False,
-              device="cpu"):
+              device="cpu", dtype=torch.float32):
     """(n, n_frames, size, size, 2): bump at rest on the periodic 64x64 grid, channels (u, du/dt).
-    Solved in float32 (exact in time), evaluated on size x size."""
+    Solved in float32 by default (exact in time), evaluated on size x size."""
     times = spacing * torch.arange(n_frames)
 
     def make_batch(idx):
-        u0 = wave_bump(64, [trajectory_seed(split, i) for i in idx], dtype=torch.float32).to(device)
+        u0 = wave_bump(64, [trajectory_seed(split, i) for i in idx], dtype=dtype).to(device)
         frames = solve_wave(u0, torch.zeros_like(u0), times, speed=speed)
         return resample(frames, size, boundary="periodic")
     return in_batches(make_batch, indices, batch=4, label=f"wave {split}", verbose=verbose,

@@ -275,9 +275,8 @@ def train(cfg, *, out, device="cpu", minutes=None, resume=None, data_dir="data",
     with stop_requests() as asked:
         while progress.epoch < cfg.epochs and not progress.stopped:
             plan = plan_epoch(run, progress)
-            drops = sum(0 < e <= progress.epoch for e in (cfg.lr_drop_epoch,
-                                                         cfg.lr_drop_again_epoch))
-            drop = 0.1 ** drops
+            drop = 0.1 ** sum(0 < e <= progress.epoch for e in (cfg.lr_drop_epoch,
+                                                                cfg.lr_drop_again_epoch))
             for group, lr in zip(run.optimiser.param_groups, (cfg.lr_decoder, cfg.lr_dynamics)):
                 group["lr"] = lr * drop                            # this epoch's network rates
             for s in plan.steps[progress.step:]:
@@ -490,7 +489,7 @@ class Run:
     points: torch.Tensor          # (N_obs, X) physical positions of the observed points
     coords: torch.Tensor          # (N_obs, X) the same, mapped for the decoder
     t: torch.Tensor               # (T_in,) frame times inside the horizon, the model's units
-    mask: torch.Tensor            # (H, W) bool: the observed grid points
+    mask: torch.Tensor            # (H, W) bool: the observed grid points (CPU: saved as is)
     observed: torch.Tensor        # (N_obs,) long: their indices in the flattened grid
     val: object                   # PDEData: held-out training trajectories (selection), or None
     test: object                  # PDEData: the test split (report only)
@@ -507,7 +506,7 @@ class Run:
 def setup(cfg, *, device, data_dir):
     group = Group(device)
     train_set, test = load_data(cfg, device=device, data_dir=data_dir, group=group)
-    mask = observation_mask(train_set, cfg.subsampling, cfg.mask_seed)          # (H, W)
+    mask = observation_mask(train_set, cfg.subsampling, cfg.mask_seed).cpu()    # (H, W)
     train_set, val = split_off_validation(cfg, train_set)
     n_windows, n_in = len(train_set.frames), train_set.n_in_t
     if group.world > n_windows:
@@ -515,7 +514,7 @@ def setup(cfg, *, device, data_dir):
                       f"needs at least one; use at most {n_windows} processes")
     shards = group.shards(n_windows)
     lo, hi = shards[group.rank]
-    observed = mask.flatten().nonzero().squeeze(1)                              # (N_obs,)
+    observed = mask.flatten().nonzero().squeeze(1).to(device)                   # (N_obs,)
     values = train_set.frames[lo:hi, :n_in].flatten(2, 3)[:, :, observed]       # (R, T, N, S)
     points = train_set.coords.flatten(0, 1)[observed]                           # (N_obs, X)
     torch.manual_seed(cfg.seed)                                   # the same networks everywhere
@@ -640,17 +639,18 @@ class Group:
 
 def start_processes(device):
     """Pin this process to its device (returned) and, under torchrun, join the process group."""
-    local = os.environ.get("LOCAL_RANK")
-    if device.startswith("cuda") and local is not None:
-        gpus, here = torch.cuda.device_count(), int(os.environ["LOCAL_WORLD_SIZE"])
-        if here > gpus:
-            raise BadData(f"{here} processes on this machine but {gpus} GPU(s): start at most "
+    local, cuda = os.environ.get("LOCAL_RANK"), device.startswith("cuda")
+    if cuda and local is not None:
+        gpus, here = torch.cuda.device_count(), os.environ.get("LOCAL_WORLD_SIZE")
+        if here is None or int(here) > gpus:   # Slurm-style launchers may set LOCAL_RANK only
+            raise BadData("LOCAL_RANK is set but LOCAL_WORLD_SIZE (the processes on this machine) "
+                          "is not: set both, as torchrun does" if here is None else
+                          f"{here} processes on this machine but {gpus} GPU(s): start at most "
                           f"{gpus} (torchrun --nproc_per_node={gpus}), or use --device cpu")
         device = f"cuda:{local}"
     if torch.device(device).index is not None:
         torch.cuda.set_device(device)               # pinned memory and NCCL use this GPU
     if local is not None:
-        cuda = device.startswith("cuda")
         dist.init_process_group("nccl" if cuda else "gloo", timeout=GROUP_TIMEOUT,
                                 device_id=torch.device(device) if cuda else None)
     return device
