@@ -42,10 +42,11 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 from matplotlib.animation import FuncAnimation, PillowWriter  # noqa: E402
 
 
-def load_model(path, device="cpu"):
-    """A trained DINo from a run folder (its best.pt) or a checkpoint file; on your own data, one
-    call: load_model(run).forecast(coords_obs, values_obs, t, coords_query) (autodecode.DINo)."""
-    return model_from_checkpoint(load_checkpoint(path), device)[0]
+def load_model(path, device="cpu", data=None):
+    """A trained DINo from a run folder (its best.pt) or a checkpoint file (data: the run's own
+    data file, moved); then one call: load_model(run).forecast(coords_obs, values_obs, t,
+    coords_query) (autodecode.DINo), in your data's units."""
+    return model_from_checkpoint(load_checkpoint(path), device, data=data)[0]
 
 
 # ---- the metric table
@@ -190,7 +191,7 @@ def report(metrics, log):
     held, ratio = m["persistence"]["mse"], m["vs_persistence"]
     log(format_table(m) + "\npersistence (frame 0 held), MSE In-t / Out-t: "
         f"{held['in_t']['all']:.3e} / {held['out_t']['all']:.3e}; DINo's MSE as a fraction of "
-        f"it: {ratio['in_t']:.3f} / {ratio['out_t']:.3f}")
+        f"it: {ratio['in_t']:.3g} / {ratio['out_t']:.3g}")
     if ratio["out_t"] >= 1:
         log(NO_BETTER.format(where=f"{m['split']} windows", ratio=ratio["out_t"]))
     if "between_frames" in m:

@@ -1552,6 +1552,64 @@ def test_your_own_data_refuses_what_needs_a_solver(tmp_path, data_dir, capsys):
             "--window is for --data files", capsys, nothing_at=tmp_path / "h")
 
 
+def test_a_run_on_your_own_data_is_found_from_anywhere_and_its_file_checked(tmp_path, data_dir,
+                                                                           monkeypatch, capsys):
+    heat_as_file(tmp_path / "mine.npz", data_dir)
+    monkeypatch.chdir(tmp_path)                                  # relative paths, as a user types
+    train_py.main(["--data", "mine.npz", "--out", "run", *TINY[6:], "--epochs", "4",
+                   "--device", "cpu", "--batch-size", "4", "--eval-every", "2"])
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    run = str(tmp_path / "run")
+    first = evaluate_py.main([run, "--no-pictures"])
+    assert first["windows"] == 2
+    (tmp_path / "mine.npz").rename(tmp_path / "moved.npz")
+    digest = train_py.load_checkpoint(run)["data_sha256"]
+    printed = refused(evaluate_py.main, [run], f"data file {str(tmp_path / 'mine.npz')!r} is "
+                      f"missing (moved? give --data NEWPATH; its sha256: {digest})", capsys)
+    assert "Traceback" not in printed.err
+    again = evaluate_py.main([run, "--data", "../moved.npz", "--no-pictures"])
+    assert again["mse"] == first["mse"]
+    resumed = train_py.main(["--out", run, "--resume", "--epochs", "5", "--data", "../moved.npz"])
+    assert resumed.epoch == 5
+    heat_as_file(tmp_path / "changed.npz", data_dir, t=0.5 * np.arange(20))
+    refused(evaluate_py.main, [run, "--data", "../changed.npz"], "has changed since the run was "
+            "trained (sha256 ", capsys)
+    model = evaluate_py.load_model(run, data="../moved.npz")     # per-axis coordinate map
+    coords = torch.rand(10, 2)
+    with pytest.raises(ValueError, match=r"coords must be \(\.\.\., 2\), got shape \(10, 1\)"):
+        model.forecast(coords[:, :1], torch.rand(10, 1), torch.arange(3.0), coords)
+
+
+def test_held_out_windows_choose_best_pt_and_the_ridge_and_every_line_weighs_persistence(
+        tmp_path, data_dir):
+    out = tmp_path / "run"
+    progress = train_py.main(tiny_argv(out, data_dir, "--epochs", "12", "--val-share", "0.25",
+                                       every=4))
+    history = progress.history
+    log = (out / "log.txt").read_text().splitlines()
+    assert "val (2 windows never trained on) In-t + Out-t selects best.pt" in log[1]
+    lines = [line for line in log if line.startswith("epoch ")]
+    assert len(lines) == len(history) == 6
+    for line, entry in zip(lines, history):                       # val: fractions of persistence
+        assert "val In-t {:.2e} Out-t {:.2e} ({:.3g} / {:.3g} of persistence)".format(
+            entry["val_in_t"], entry["val_out_t"], *entry["val_vs_persistence"]) in line
+    best = min(history, key=lambda h: sum(h["val_vs_persistence"]))
+    state = train_py.load_checkpoint(str(out))                   # best.pt
+    assert state["progress"]["epoch"] == best["epoch"]
+    assert state["model"]["ridge"].item() == pytest.approx(best["ridge"])
+    held = evaluate_py.main([str(out), "--data-dir", data_dir, "--split", "val", "--no-pictures"])
+    assert held["windows"] == 2                                  # 4 trajectories: 3 train, 1 val
+    assert list(held["vs_persistence"].values()) == pytest.approx(best["val_vs_persistence"],
+                                                                  rel=1e-4)
+    trained = evaluate_py.main([str(out), "--data-dir", data_dir, "--split", "train",
+                                "--no-pictures"])
+    assert trained["windows"] == 6
+    said = (out / "log.txt").read_text()
+    ratio = best["val_vs_persistence"][1]
+    assert ("no better than holding the first frame" in said) == (ratio >= 1)
+
+
 @pytest.mark.parametrize("change, message", [
     (dict(coords=None), "'coords' must be numbers of shape 8 x 8 x ?, got missing"),
     (dict(frames=np.zeros((8, 20, 8, 8))), "'frames' must be numbers of shape ? x ? x ? x ? x ?"),

@@ -439,7 +439,7 @@ def evaluate_and_save(run, progress, *, say, out, clock):
     eta = clock.eta(progress, cfg.epochs * run.iterations_per_epoch)
     ridge = f" | ridge {entry['ridge']:.0e}" if "ridge" in entry else ""
     shown = [f"{name} In-t {entry[name + '_in_t'] or 0:.2e} Out-t {entry[name + '_out_t'] or 0:.2e}"
-             + (" ({:.2f} / {:.2f} of persistence)".format(*entry[name + "_vs_persistence"])
+             + (" ({:.3g} / {:.3g} of persistence)".format(*entry[name + "_vs_persistence"])
                 if name == held[0] and rank_0 else "") for name in held]
     say(f"epoch {entry['epoch']} | iter {entry['iteration']} | eps {entry['epsilon']:.3f} | "
         f"dec {entry['loss_dec']:.2e} | dyn {entry['loss_dyn']:.2e} | train In-t "
@@ -826,7 +826,9 @@ def summary(run, label, clock, progress):
             f"{cfg.schedule}, minibatch {batch} | {world} process(es) on {run.group.device} | a "
             f"step takes {step:.2f} s: about {hms((cfg.epochs - progress.epoch) * per_epoch)} of "
             f"training to go (evaluations add some)\nmetrics: relative MSE (MSE / mean square of "
-            f"truth); train In-t selects best.pt, test is reported only")
+            f"truth), (x / y of persistence): MSE / that of holding frame 0, In-t / Out-t; "
+            + (f"val ({len(run.val.frames)} windows never trained on) In-t + Out-t" if run.val
+               else "train In-t") + " selects best.pt, test is reported only")
 
 
 def hms(seconds):
@@ -906,7 +908,8 @@ def resolve(args):
     if not args.preset:
         other = "quick" if preset == "paper" else "paper"
         label += f" (the default on {device.split(':')[0].upper()}; --preset {other} for the other)"
-    cfg = replace(CONFIGS.get((pde, preset)) or own_preset(pde, preset), **given)
+    cfg = (replace(CONFIGS[pde, preset], **given) if (pde, preset) in CONFIGS
+           else own_preset(pde, preset, given))
     name = os.path.splitext(os.path.basename(cfg.pde))[0]
     out = args.out or os.path.join("runs", f"{name}-{preset}")
     if os.path.exists(os.path.join(out, "last.pt")):
@@ -916,27 +919,46 @@ def resolve(args):
     return cfg, None, out, device, label
 
 
-STEP = 0.25   # your own data: the frame spacing in the model's time units
+# Your own data (a PDE without a preset), chosen on validation windows of three equations of our
+# own (README: Your own equation): see own_preset.
+STEP = 0.25         # the frame spacing in the model's time units (heat's and wave's)
+WORK = 3e9          # quick: values (window x frame x point x channel) x epochs, ~8 CPU minutes
 
 
-def own_preset(pde, preset):
-    """The preset of a PDE not in CONFIGS (your own file or solver): the quick or paper sizes, its
-    data's counts and grid, the model's units: its coordinates' bounding box mapped to [0, 0.5]
-    per axis, its frame spacing to STEP and (a file) each channel to mean 0 and variance 1 over
-    the training split, whose last eighth then validates."""
+def own_preset(pde, preset, given):
+    """The Config of a PDE not in CONFIGS (your own file or solver) with the flags `given`: the
+    quick or paper sizes, its data's counts and grid, and the model's units: its coordinates'
+    bounding box mapped to [0, 0.5] per axis, its frame spacing to STEP and (a file) each channel
+    to mean 0 and variance 1 over the training split, whose last eighth then validates. Quick
+    sizes fit the points (a code of N / 8, 32 to 128: the decoder is affine in the code, so the
+    code's size bounds the fields it can tell apart) and the epochs fit the work (WORK). The
+    schedules count the run's epochs, not the paper's iterations: restarts fade out over its first
+    fifth, the network rates drop 10x at 60% and again at 80%, and f_psi learns from codes + 10%
+    noise (what the heat preset learned, on a run of any length)."""
     spec = SPECS[pde]
     coords = spec.coords(spec.sizes["train"]).flatten(0, -2)       # (N, X)
     low, span = coords.amin(0), (coords.amax(0) - coords.amin(0)).clamp_min(1e-12)
     cfg = replace(PAPER if preset == "paper" else QUICK, pde=pde, size=spec.sizes["train"],
                   n_train=spec.trajectories["train"], n_test=spec.trajectories["test"],
                   coord_shift=tuple((-low).tolist()), coord_scale=tuple((0.5 / span).tolist()),
-                  time_scale=STEP / spec.spacing)
-    if spec.arrays is None:
-        return cfg
-    frames = spec.arrays["train"]                                  # (n, T, H, W, S) numpy
-    mean, std = frames.mean(axis=(0, 1, 2, 3)), frames.std(axis=(0, 1, 2, 3))
-    return replace(cfg, value_shift=tuple((-mean).tolist()),
-                   value_scale=tuple((1 / std.clip(1e-30)).tolist()), val_share=0.125)
+                  time_scale=STEP / spec.spacing, code_noise=0.1)
+    if spec.arrays is not None:
+        frames = spec.arrays["train"]                              # (n, T, H, W, S) numpy
+        mean, std = frames.mean(axis=(0, 1, 2, 3)), frames.std(axis=(0, 1, 2, 3))
+        cfg = replace(cfg, value_shift=tuple((-mean).tolist()), val_share=0.125,
+                      value_scale=tuple((1 / std.clip(1e-30)).tolist()))
+    if preset == "quick":
+        cfg = replace(cfg, code_dim=min(128, max(32, len(coords) // 8)), dyn_hidden=256)
+    cfg = replace(cfg, **given)
+    windows = (cfg.n_train - held_out(cfg)) * spec.windows
+    values = windows * spec.n_in_t * len(coords) * len(spec.channels)     # per epoch
+    epochs = given.get("epochs", cfg.epochs if preset == "paper" else
+                       int(min(10_000, max(500, round(WORK / values, -2)))))
+    iterations = epochs * -(-windows // cfg.batch_size)
+    fade = math.log(cfg.eps_floor / cfg.eps_start) / math.log(cfg.eps_decay)  # decays to floor
+    return replace(cfg, **{"epochs": epochs, "eps_every": max(1, round(iterations / 5 / fade)),
+                           "lr_drop_epoch": round(0.6 * epochs),
+                           "lr_drop_again_epoch": round(0.8 * epochs), **given})
 
 
 def resume_settings(args, given, device):
