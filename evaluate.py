@@ -30,11 +30,10 @@ from solvers import SPECS, check_writable, load_dataset, observation_mask, write
 from train import (
     FITS,
     NO_BETTER,
-    held_out,
     load_checkpoint,
     model_from_checkpoint,
-    relative_mse,
     split_off_validation,
+    squared_sums,
 )
 
 matplotlib.use("Agg")  # files only, no display needed
@@ -50,6 +49,12 @@ def load_model(path, device="cpu", data=None):
 
 
 # ---- the metric table
+def relative_mse(pred, truth):
+    """MSE / mean square of the truth: 1.0 is 'no better than predicting zero', in any units."""
+    err, ref = squared_sums(pred, truth).tolist()
+    return err / max(ref, 1e-30)
+
+
 def mse_table(pred, truth, observed, n_in_t):
     """MSE and relative MSE for In-t / Out-t x In-s / Out-s / all points.
     pred, truth (B, T, N, S); observed (N,) bool. Empty cells (no unobserved point) are None."""
@@ -78,10 +83,10 @@ def load_split(cfg, split, *, size, data_dir, device, time_factor=1):
     """A split's windows: 'test', 'train' (those the run trained on), or 'val': the training-split
     trajectories the run did not train on (its val_share, else those after its n_train, up to
     the most allowed): choose settings there."""
-    spec, n_val = SPECS[cfg.pde], held_out(cfg)
-    n = {"test": cfg.n_test, "train": cfg.n_train}.get(split, cfg.n_train if n_val else
+    spec, held = SPECS[cfg.pde], cfg.val_share > 0
+    n = {"test": cfg.n_test, "train": cfg.n_train}.get(split, cfg.n_train if held else
                                                                spec.largest("train"))
-    if split == "val" and n <= cfg.n_train and not n_val:
+    if split == "val" and n <= cfg.n_train and not held:
         raise ValueError(f"--split val: the run trained on all {n} training trajectories of "
                          f"{cfg.pde}; train with --n-train below {n} or --val-share to keep some "
                          f"for validation")
@@ -89,8 +94,8 @@ def load_split(cfg, split, *, size, data_dir, device, time_factor=1):
                         data_dir=data_dir, n_trajectories=n, time_factor=time_factor)
     if split == "test":
         return data
-    trained, held = split_off_validation(cfg, data)
-    return held if split == "val" else trained
+    trained, val = split_off_validation(cfg, data)
+    return val if split == "val" else trained
 
 
 def observed_points(state, cfg, data, *, rate, seed, resolution, data_dir):

@@ -287,6 +287,9 @@ def register_file(path, *, window=20, sha256=None):
     spec's settings); `sha256` given: the file must have it. ValueError naming the key and what it
     should be, or the path and both hashes."""
     path = os.path.abspath(path)
+    if sha256 and not os.path.isfile(path):
+        raise ValueError(f"the run's data file {path!r} is missing (moved? give --data NEWPATH; "
+                         f"its sha256: {sha256})")
     if path not in SPECS or SPECS[path].window != window:
         _register_file(path, window)
     found = SPECS[path].settings["sha256"]

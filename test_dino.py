@@ -875,7 +875,7 @@ def test_a_fit_keeps_each_samples_best_code_and_the_relative_mse_divides_by_the_
     torch.testing.assert_close(fit.loss, best, rtol=1e-3, atol=0)
     torch.testing.assert_close(fit.loss, (dec(coords, fit.codes) - values).pow(2).mean((1, 2)))
     truth = torch.tensor([1.0, -2.0, 2.0])
-    assert train_py.relative_mse(3 * truth, truth) == pytest.approx(4.0)    # |2 v|^2 / |v|^2
+    assert evaluate_py.relative_mse(3 * truth, truth) == pytest.approx(4.0)    # |2 v|^2 / |v|^2
 
 
 def test_closed_form_fit_is_the_ridge_least_squares_solution():
@@ -1327,6 +1327,9 @@ def refused(main, argv, message, capsys, *, nothing_at=None):
     (["--pde", "heat", "--hidden", "7"], "hidden = 7 is not allowed; allowed: even"),
     (["--pde", "heat", "--minutes", "nan"], "--minutes nan must be a finite number"),
     (["--pde", "heat", "--size", "100000", "--data-dir", "unused"], "needs about"),
+    (["--pde", "heat", "--val-share", "1"], "val_share = 1.0 is not allowed; allowed: [0, 1)"),
+    (["--pde", "heat", "--n-train", "4", "--val-share", "0.8"],
+     "val_share = 0.8 holds out all 4 training trajectories: leave at least one to train on"),
 ])
 def test_train_bad_input_exits_2_with_one_line(argv, message, tmp_path, capsys):
     full = argv + ["--out", str(tmp_path / "run")] if "--resume" not in argv else argv
@@ -1897,7 +1900,7 @@ def test_forecast_is_the_evaluation_path_and_refuses_bad_input(tiny_run, data_di
                                    log=lambda line: None)
     truth = test.frames.flatten(2, 3)
     assert metrics["rel_mse"]["in_t"]["all"] == pytest.approx(
-        train_py.relative_mse(batched[:, :10], truth[:, :10]))
+        evaluate_py.relative_mse(batched[:, :10], truth[:, :10]))
     # the query points are free: a shuffled query returns the shuffled forecast; float64 inputs
     # work
     perm = torch.randperm(len(coords), generator=torch.Generator().manual_seed(0))
@@ -2081,6 +2084,123 @@ def bench(repeats=3):
           f"CN + Euler dt 1e-3 {med['official_s']:.2f} s, speed-up {med['speedup']:.1f}x "
           f"(median of {repeats}); rel L2 error vs fine step: ours {med['ours_err']:.1e}, "
           f"CN + Euler {med['official_err']:.1e}")
+
+
+# Three equations of our own, as a user brings them (README: Your own equation): NumPy, each in
+# its own units, 72 trajectories of 40 frames on 32x32; trained by the README's recipe.
+def gray_scott(n=72, size=32, frames=40, seed=0):
+    """Two species react and diffuse into spots that multiply (Gray-Scott, Pearson's set-up):
+    u_t = Du Lap u - u v^2 + F (1 - u), v_t = Dv Lap v + u v^2 - (F + k) v, periodic square of
+    side 0.64, Du 2e-5, Dv 1e-5, F 0.035, k 0.065, from a rectangle (u, v) = (0.5, 0.25) of
+    random size near the centre; explicit Euler (dt 1) on a twice finer grid; frames every 100
+    time units from t = 500."""
+    rng, m, side = np.random.default_rng(seed), 2 * size, 0.64
+    u, v = np.ones((n, m, m)), np.zeros((n, m, m))
+    for b, (h, w), (i, j) in zip(range(n), rng.integers(6, 15, (n, 2)),
+                                 m // 2 + rng.integers(-3, 4, (n, 2))):
+        u[b, i - h // 2:i + h - h // 2, j - w // 2:j + w - w // 2] = 0.5
+        v[b, i - h // 2:i + h - h // 2, j - w // 2:j + w - w // 2] = 0.25
+
+    def lap(a):
+        return (sum(np.roll(a, s, axis) for s in (1, -1) for axis in (1, 2)) - 4 * a) / h**2
+    h, f, k, out = side / m, 0.035, 0.065, []
+    for step in range(500 + 100 * frames):
+        if step >= 500 and step % 100 == 0:
+            out.append(np.stack([u[:, ::2, ::2], v[:, ::2, ::2]], -1))
+        uvv = u * v * v
+        u, v = u + 2e-5 * lap(u) - uvv + f * (1 - u), v + 1e-5 * lap(v) + uvv - (f + k) * v
+    x = side / size * np.arange(size)
+    return dict(frames=np.stack(out, 1), coords=np.stack(np.meshgrid(x, x, indexing="ij"), -1),
+                t=500.0 + 100 * np.arange(frames), channels=np.array(["u", "v"]))
+
+
+def spectral_rk4(rhs, field, *, side, dt, steps, every):
+    """A periodic square's wavenumbers (kx, ky) for `rhs(field_hat, kx, ky)`, and the frames of
+    d field/dt = rhs every `every` RK4 steps of dt: (n, T, ...) real, from field (n, ..., H, W)."""
+    k = 2 * np.pi * np.fft.fftfreq(field.shape[-1], side / field.shape[-1])
+    kx, ky = np.meshgrid(k, k, indexing="ij")
+    y, out = np.fft.fft2(field), []
+    for step in range(steps):
+        if step % every == 0:
+            out.append(np.fft.ifft2(y).real)
+        a = rhs(y, kx, ky)
+        b = rhs(y + dt / 2 * a, kx, ky)
+        c = rhs(y + dt / 2 * b, kx, ky)
+        y = y + dt / 6 * (a + 2 * b + 2 * c + rhs(y + dt * c, kx, ky))
+    return np.stack(out, 1)
+
+
+def burgers(n=72, size=32, frames=40, seed=1):
+    """Viscous Burgers flow, u_t + (u . grad) u = nu Lap u, periodic square of side 1 m, nu
+    0.005 m^2/s, from a Gaussian bump of velocity (width 0.15 m, random centre and direction,
+    0.2-0.4 m/s); pseudo-spectral (2/3 rule), RK4 at dt 0.01 s, frames every 0.1 s."""
+    rng, x = np.random.default_rng(seed), np.arange(size) / size
+    xy = np.stack(np.meshgrid(x, x, indexing="ij"))                           # (2, H, W)
+    centre, angle = rng.uniform(0, 1, (2, n, 1, 1)), rng.uniform(0, 2 * np.pi, (n, 1, 1))
+    offset = (xy[:, None] - centre + 0.5) % 1 - 0.5                         # (2, n, H, W)
+    bump = np.exp(-(offset**2).sum(0) / (2 * 0.15**2))                       # (n, H, W)
+    speed = rng.uniform(0.2, 0.4, (n, 1, 1)) * bump
+    velocity = np.stack([speed * np.cos(angle), speed * np.sin(angle)], 1)   # (n, 2, H, W)
+
+    def rhs(v_h, kx, ky):
+        v, dx, dy = (np.fft.ifft2(a).real for a in (v_h, 1j * kx * v_h, 1j * ky * v_h))
+        keep = np.maximum(abs(kx), abs(ky)) < 2 * np.pi * size / 3               # the 2/3 rule
+        return -np.fft.fft2(v[:, :1] * dx + v[:, 1:] * dy) * keep - 0.005 * (kx**2 + ky**2) * v_h
+    out = spectral_rk4(rhs, velocity, side=1.0, dt=0.01, steps=10 * frames, every=10)
+    return dict(frames=out.transpose(0, 1, 3, 4, 2), coords=xy.transpose(1, 2, 0),
+                t=0.1 * np.arange(frames), channels=np.array(["u", "v"]))
+
+
+def ocean_heat(n=72, size=32, frames=40, seed=2):
+    """Sea-surface temperature in kelvin, carried by steady eddies and diffused: T_t + u . grad T
+    = kappa Lap T on a periodic square of side 200 km (in metres), eddies of streamfunction U L /
+    (2 pi) sin(2 pi x / L) sin(2 pi y / L), U 0.2 m/s, kappa 200 m^2/s; T = 288 K + a smooth
+    random field of 2 K rms; pseudo-spectral, RK4 at 15 minutes, frames every 3 hours (times in
+    seconds)."""
+    rng, side = np.random.default_rng(seed), 2e5
+    x = side / size * np.arange(size)
+    xy = np.stack(np.meshgrid(x, x, indexing="ij"), -1)                      # (H, W, 2)
+    phase = 2 * np.pi * xy / side
+    ux = 0.2 * np.sin(phase[..., 0]) * np.cos(phase[..., 1])                  # u = d psi / dy
+    uy = -0.2 * np.cos(phase[..., 0]) * np.sin(phase[..., 1])                 # v = -d psi / dx
+    k = 2 * np.pi * np.fft.fftfreq(size, side / size)
+    smooth = np.exp(-(k[:, None]**2 + k**2) * (side / (6 * np.pi))**2 / 2)   # ~3 waves a side
+    temp = np.fft.ifft2((rng.standard_normal((n, size, size)) + 1j * rng.standard_normal(
+        (n, size, size))) * smooth).real
+    temp = 288.0 + 2.0 * temp / temp.std(axis=(1, 2), keepdims=True)
+
+    def rhs(t_h, kx, ky):
+        dx, dy = np.fft.ifft2(1j * kx * t_h).real, np.fft.ifft2(1j * ky * t_h).real
+        return -np.fft.fft2(ux * dx + uy * dy) - 200.0 * (kx**2 + ky**2) * t_h
+    out = spectral_rk4(rhs, temp, side=side, dt=900.0, steps=12 * frames, every=12)
+    return dict(frames=out[..., None], coords=xy, t=10800.0 * np.arange(frames))
+
+
+OWN_EQUATIONS = {"gray-scott": gray_scott, "burgers": burgers, "ocean-heat": ocean_heat}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(OWN_EQUATIONS))
+def test_own_equations_beat_persistence_with_the_readme_recipe(name, tmp_path):
+    """`python train.py --data FILE --threads 1`, then evaluate.py: test MSE at most 0.5 of
+    persistence's In-t and 0.67 of it Out-t; prints the README's row (and the val fractions)."""
+    np.savez(tmp_path / f"{name}.npz", **OWN_EQUATIONS[name]())
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "train.py", "--data", str(tmp_path / f"{name}.npz"),
+                          "--threads", "1", "--out", str(tmp_path / "run")], cwd=HERE,
+                         capture_output=True, text=True, timeout=3600)
+    assert run.returncode == 0, run.stderr
+    wall = time.perf_counter() - start
+    m = evaluate_py.evaluate(str(tmp_path / "run"), pictures=False, log=lambda line: None)
+    best = train_py.load_checkpoint(str(tmp_path / "run"))["progress"]
+    val = min(best["history"], key=train_py.selection_score)["val_vs_persistence"]
+    last = train_py.load_checkpoint(str(tmp_path / "run" / "last.pt"))["progress"]["epoch"]
+    held, ratio = m["persistence"]["mse"], m["vs_persistence"]
+    print(f"| {name} | {last:,} ({best['epoch']:,}), {train_py.hms(wall)} | "
+          f"{m['mse']['in_t']['all']:.3g} / {m['mse']['out_t']['all']:.3g} | "
+          f"{held['in_t']['all']:.3g} / {held['out_t']['all']:.3g} | "
+          f"{ratio['in_t']:.2f} / {ratio['out_t']:.2f} | {val[0]:.2f} / {val[1]:.2f} |")
+    assert ratio["in_t"] <= 0.5 and ratio["out_t"] <= 0.67
 
 
 DEVICE = os.environ.get("DINO_DEVICE", "auto")

@@ -105,19 +105,12 @@ QUICK = replace(PAPER, size=32, code_dim=32, dyn_hidden=128, batch_size=16, sche
 PLANE = dict(coord_shift=1.0, coord_scale=0.25)   # [-1, 1] -> [0, 0.5], as the official [0, 1)
 CONFIGS = {
     ("navier-stokes", "paper"): PAPER,
-    # heat has no official config: Navier-Stokes' sizes, chosen on held-out training trajectories
-    # (--n-train 224, evaluate.py --split val; 30 min each). With eps_every 100 restarts stay
-    # frequent ~3,000 epochs, f_psi learns one-step maps: val In-t/Out-t 0.036/0.056. Fading 10x
-    # sooner: 0.013/0.0034; every minibatch stepping everything too: 0.0076/0.0031 (ratio to
-    # train 1.7). A fixed ridge: the chosen one drifts to 1e-5 as codes fit (val best at 3e-3).
-    # At constant rates Out-t swings 0.003-0.02 between evaluations; 10x smaller network rates
-    # from epoch 821: val 0.0072/0.0004 12 min later. After 2 h on 256 trajectories test frame 0
-    # fits 2x worse than training ones (test/train In-t 2.1): 512 (rates dropped at the same
-    # iteration), 20 min, both on trajectories 480-511: val 0.0081/0.0053, val/train 1.3 (256:
-    # 0.0084/0.0085, 1.7). Then 2 h on 512: test Out-t 7.6 near epoch 1,200 (one unseen window's
-    # forecast diverged). 2 h of --n-train 480 with noise 0.1 x RMS on the codes f_psi restarts
-    # from: val Out-t <= 0.029, <= 0.009 from epoch 1,000, but 3x apart between evaluations
-    # (3e-4-1.3e-3); rates 10x smaller again from epoch 1,500: 1.2e-4-3.3e-4, last three 1.2x.
+    # heat has no official config: Navier-Stokes' sizes, the rest chosen on held-out training
+    # trajectories (README, "Heat, the seed experiment", gives each step's numbers): restarts
+    # fading 10x sooner and every minibatch stepping all (val In-t/Out-t 0.036/0.056 ->
+    # 0.0076/0.0031), a fixed ridge (the chosen one drifts to 1e-5), 512 trajectories (val/train
+    # In-t 1.7 -> 1.3), f_psi from codes + 10% noise (without, an unseen window diverged) and
+    # network rates 10x smaller from epoch 1,000 and again from 1,500 (Out-t steady within 1.2x).
     ("heat", "paper"): replace(PAPER, pde="heat", **PLANE, n_train=512, eps_every=10,
                                schedule="minibatch", ridge=3e-3, lr_drop_epoch=1000,
                                lr_drop_again_epoch=1500, code_noise=0.1),
@@ -165,7 +158,9 @@ def check_config(cfg):
         test, allowed = RULES.get(f.name, (lambda v: True, ""))
         if not test(value):
             raise ValueError(f"{f.name} = {value!r} is not allowed; allowed: {allowed}")
-    held_out(cfg)
+    if math.ceil(cfg.val_share * cfg.n_train) >= cfg.n_train:
+        raise ValueError(f"val_share = {cfg.val_share} holds out all {cfg.n_train} training "
+                         f"trajectories: leave at least one to train on")
 
 
 def build_model(cfg, *, coord_dim, n_channels):
@@ -301,17 +296,15 @@ def train(cfg, *, out, device="cpu", minutes=None, resume=None, data_dir="data",
             f"{progress.iteration}: saved {out}/last.pt; continue with: python train.py --out "
             f"{out} --resume")
     progress.stopped = progress.stopped or "epochs"
-    if progress.history:                                           # best.pt against persistence
-        best = min(progress.history, key=selection_score)
-        held = "val" if "val_in_t" in best else "test"
-        ratio = (best[held + "_vs_persistence"] or [0, 0])[1]      # test: process 0 only
-        if ratio >= 1:
-            say(f"best.pt (epoch {best['epoch']}): " + NO_BETTER.format(
-                where=f"{held} windows", ratio=ratio))
+    best = min(progress.history, key=selection_score, default=None)   # best.pt vs persistence
+    held = "val" if run.val is not None else "test"
+    if best and best[held + "_vs_persistence"][1] >= 1:
+        say(f"best.pt (epoch {best['epoch']}): " + NO_BETTER.format(
+            where=f"{held} windows", ratio=best[held + "_vs_persistence"][1]))
     return progress
 
 
-NO_BETTER = ("beyond the training horizon (Out-t) the {where}' MSE is {ratio:.2f} x that of "
+NO_BETTER = ("beyond the training horizon (Out-t) the {where}' MSE is {ratio:.3g} x that of "
              "persistence (frame 0 held): no better than holding the first frame. Try longer "
              "training (--epochs), more trajectories, or shorter windows (--window)")
 
@@ -346,12 +339,6 @@ def squared_sums(pred, truth):
     return torch.stack([(pred - truth).pow(2).sum(), truth.pow(2).sum()])
 
 
-def relative_mse(pred, truth):
-    """MSE / mean square of the truth: 1.0 is 'no better than predicting zero', in any units."""
-    err, ref = squared_sums(pred, truth).tolist()
-    return err / max(ref, 1e-30)
-
-
 def forecast_sums(run, alpha0):
     """alpha0 (K, R, S, D) -> (K, 2): squared_sums of K forecasts of training windows, batched (the
     model's units)."""
@@ -372,11 +359,6 @@ def window_sums(run, data):
     return torch.cat([squared_sums(pred[:, :n], truth[:, :n]),
                       squared_sums(pred[:, n:], truth[:, n:]),
                       squared_sums(held, truth[:, :n])[:1], squared_sums(held, truth[:, n:])[:1]])
-
-
-def versus_persistence(sums):
-    """(..., 6) window_sums -> (..., 2): MSE In-t, Out-t as fractions of persistence's."""
-    return sums[..., [0, 2]] / sums[..., [4, 5]].clamp_min(1e-30)
 
 
 def measure(run):
@@ -405,7 +387,8 @@ def measure(run):
             run.model.ridge.copy_(ridge)
             tries.append(window_sums(run, run.val))
         tries = torch.stack(tries)                                # (ridges, 6)
-        best = torch.argmin(versus_persistence(tries).sum(-1))    # In-t + Out-t
+        fractions = tries[:, 0:3:2] / tries[:, 4:].clamp_min(1e-30)   # of persistence
+        best = torch.argmin(fractions.sum(1))                     # In-t + Out-t
         run.model.ridge.copy_(ridges[best])
         held.append(tries[best])
     held.append(window_sums(run, run.test) if run.group.rank == 0 else numbers.new_zeros(6))
@@ -415,11 +398,10 @@ def measure(run):
 def evaluate_and_save(run, progress, *, say, out, clock):
     """The metrics and a log line, then last.pt (and best.pt when the selection score improved:
     val In-t + Out-t as fractions of persistence, or else train In-t)."""
-    cfg, n, rank_0 = run.cfg, max(progress.summed, 1), run.group.rank == 0
+    cfg, n = run.cfg, max(progress.summed, 1)
     with torch.no_grad():
         values = measure(run).tolist()                             # the evaluation's one read
-    agreed = values[:-6]                                           # equal in every process
-    if not all(map(math.isfinite, agreed)) or agreed[4]:
+    if not all(map(math.isfinite, values[:-6])) or values[4]:      # all but test: every process
         raise NonFiniteLoss(f"at epoch {progress.epoch}, iteration {progress.iteration}")
     entry = {"epoch": progress.epoch, "iteration": progress.iteration,
              "epsilon": epsilon(cfg, progress.iteration), "loss_dec": values[0] / n,
@@ -427,24 +409,22 @@ def evaluate_and_save(run, progress, *, say, out, clock):
     if cfg.fit == "closed-form":
         entry["ridge"] = values[5]
     held = ["val"] * (run.val is not None) + ["test"]              # the held-out windows
-    for name, sums in zip(held, (values[6:12], values[12:18])):
-        mine = rank_0 or name == "val"                            # test: process 0 only
-        ratios = [sums[0] / max(sums[4], 1e-30), sums[2] / max(sums[5], 1e-30)]
-        entry.update({f"{name}_in_t": sums[0] / max(sums[1], 1e-30) if mine else None,
-                      f"{name}_out_t": sums[2] / max(sums[3], 1e-30) if mine else None,
-                      f"{name}_vs_persistence": ratios if mine else None})
+    for name, sums in zip(held, (values[6:12], values[12:18])):    # (test: process 0 only)
+        err_in, ref_in, err_out, ref_out, held_in, held_out = (max(v, 1e-30) for v in sums)
+        entry.update({f"{name}_in_t": err_in / ref_in, f"{name}_out_t": err_out / ref_out,
+                      f"{name}_vs_persistence": [err_in / held_in, err_out / held_out]})
     run.loss_sums.zero_()
     progress.summed = 0
     entry["elapsed"] = progress.elapsed = clock.elapsed()
     eta = clock.eta(progress, cfg.epochs * run.iterations_per_epoch)
-    ridge = f" | ridge {entry['ridge']:.0e}" if "ridge" in entry else ""
-    shown = [f"{name} In-t {entry[name + '_in_t'] or 0:.2e} Out-t {entry[name + '_out_t'] or 0:.2e}"
-             + (" ({:.3g} / {:.3g} of persistence)".format(*entry[name + "_vs_persistence"])
-                if name == held[0] and rank_0 else "") for name in held]
+    shown = [f"{name} In-t {entry[name + '_in_t']:.2e} Out-t {entry[name + '_out_t']:.2e}"
+             for name in held]
+    shown[0] += " ({:.3g} / {:.3g} of persistence)".format(*entry[held[0] + "_vs_persistence"])
     say(f"epoch {entry['epoch']} | iter {entry['iteration']} | eps {entry['epsilon']:.3f} | "
         f"dec {entry['loss_dec']:.2e} | dyn {entry['loss_dyn']:.2e} | train In-t "
-        f"{entry['train_in_t']:.2e} | {' | '.join(shown)}{ridge} | {hms(entry['elapsed'])} | "
-        f"ETA {hms(eta)}")
+        f"{entry['train_in_t']:.2e} | {' | '.join(shown)}"
+        + (f" | ridge {entry['ridge']:.0e}" if "ridge" in entry else "")
+        + f" | {hms(entry['elapsed'])} | ETA {hms(eta)}")
     progress.history.append(entry)
     score = selection_score(entry)
     names = ["last.pt"] + (["best.pt"] if score < progress.best_train else [])
@@ -541,23 +521,13 @@ def setup(cfg, *, device, data_dir):
 
 
 def split_off_validation(cfg, data):
-    """(windows trained on, held-out windows or None) of a training split of n_train or more
-    trajectories: the windows after the first n_train - held_out(cfg) trajectories are held out
-    (windows are stored trajectory by trajectory)."""
-    cut = (cfg.n_train - held_out(cfg)) * SPECS[cfg.pde].windows
+    """(windows trained on, held-out windows or None) of a training split: those after the first
+    n_train - ceil(val_share n_train) trajectories' are held out (stored trajectory-wise)."""
+    cut = (cfg.n_train - math.ceil(cfg.val_share * cfg.n_train)) * SPECS[cfg.pde].windows
     if cut == len(data.frames):
         return data, None
     return (replace(data, frames=data.frames[:cut], trajectory=data.trajectory[:cut]),
             replace(data, split="val", frames=data.frames[cut:], trajectory=data.trajectory[cut:]))
-
-
-def held_out(cfg):
-    """How many of the n_train trajectories validate (BadData unless some are left to train)."""
-    n_val = math.ceil(cfg.val_share * cfg.n_train)
-    if n_val >= cfg.n_train:
-        raise BadData(f"--val-share {cfg.val_share} holds out {n_val} of {cfg.n_train} training "
-                      f"trajectories: leave at least one to train on")
-    return n_val
 
 
 def chunk_values(device):
@@ -747,13 +717,9 @@ def model_from_checkpoint(state, device="cpu", data=None):
     data reads its file again (or `data`, the same file moved), which must hold what it held."""
     try:
         cfg = Config(**state["config"])
-        if cfg.pde.endswith(".npz"):
-            digest = state.get("data_sha256")
-            if data is None and not os.path.isfile(cfg.pde):
-                raise ValueError(f"the run's data file {cfg.pde!r} is missing (moved? give --data "
-                                 f"NEWPATH; its sha256: {digest})")
+        if cfg.pde.endswith(".npz"):                    # your own data: read and checked again
             cfg = replace(cfg, pde=solvers.register_file(data or cfg.pde, window=cfg.window,
-                                                         sha256=digest))
+                                                         sha256=state.get("data_sha256")))
         model = build_model(cfg, coord_dim=state["coord_dim"], n_channels=state["n_channels"])
         model.to(device).load_state_dict(state["model"])
     except (TypeError, RuntimeError) as err:
@@ -919,22 +885,19 @@ def resolve(args):
     return cfg, None, out, device, label
 
 
-# Your own data (a PDE without a preset), chosen on validation windows of three equations of our
-# own (README: Your own equation): see own_preset.
+# Your own data: the recipe chosen on validation windows of three equations of ours (README,
+# "Your own equation", gives the numbers behind each choice).
 STEP = 0.25         # the frame spacing in the model's time units (heat's and wave's)
-WORK = 3e9          # quick: values (window x frame x point x channel) x epochs, ~8 CPU minutes
+WORK = 1.5e9        # quick: epochs x windows x frames x points, ~7 minutes of one CPU core
 
 
 def own_preset(pde, preset, given):
-    """The Config of a PDE not in CONFIGS (your own file or solver) with the flags `given`: the
-    quick or paper sizes, its data's counts and grid, and the model's units: its coordinates'
-    bounding box mapped to [0, 0.5] per axis, its frame spacing to STEP and (a file) each channel
-    to mean 0 and variance 1 over the training split, whose last eighth then validates. Quick
-    sizes fit the points (a code of N / 8, 32 to 128: the decoder is affine in the code, so the
-    code's size bounds the fields it can tell apart) and the epochs fit the work (WORK). The
-    schedules count the run's epochs, not the paper's iterations: restarts fade out over its first
-    fifth, the network rates drop 10x at 60% and again at 80%, and f_psi learns from codes + 10%
-    noise (what the heat preset learned, on a run of any length)."""
+    """The Config of a PDE without a preset (your file or solver), flags `given`: the quick or
+    paper sizes; the data's counts, grid and units: coordinates' bounding box -> [0, 0.5] per axis,
+    frame spacing -> STEP, (a file) each channel -> mean 0, variance 1 over the training split,
+    whose last eighth validates; quick: a code of N / 8 points (32-128: the decoder is affine in
+    it, so its size bounds the fields told apart), epochs from WORK; schedules in the run's epochs:
+    restarts fade over its first fifth, rates 10x smaller at 60% and 80%, f_psi from noisy codes."""
     spec = SPECS[pde]
     coords = spec.coords(spec.sizes["train"]).flatten(0, -2)       # (N, X)
     low, span = coords.amin(0), (coords.amax(0) - coords.amin(0)).clamp_min(1e-12)
@@ -950,13 +913,13 @@ def own_preset(pde, preset, given):
     if preset == "quick":
         cfg = replace(cfg, code_dim=min(128, max(32, len(coords) // 8)), dyn_hidden=256)
     cfg = replace(cfg, **given)
-    windows = (cfg.n_train - held_out(cfg)) * spec.windows
-    values = windows * spec.n_in_t * len(coords) * len(spec.channels)     # per epoch
-    epochs = given.get("epochs", cfg.epochs if preset == "paper" else
-                       int(min(10_000, max(500, round(WORK / values, -2)))))
-    iterations = epochs * -(-windows // cfg.batch_size)
-    fade = math.log(cfg.eps_floor / cfg.eps_start) / math.log(cfg.eps_decay)  # decays to floor
-    return replace(cfg, **{"epochs": epochs, "eps_every": max(1, round(iterations / 5 / fade)),
+    windows = cfg.n_train * (1 - cfg.val_share) * spec.windows
+    epochs = given.get("epochs", cfg.epochs if preset == "paper" else int(min(10_000, max(
+        500, round(WORK / (windows * spec.n_in_t * len(coords)), -2)))))
+    iterations = epochs * math.ceil(windows / cfg.batch_size)
+    decays = (math.log(max(cfg.eps_floor, 1e-9) / max(cfg.eps_start, 1e-9))   # to the floor (if
+              / math.log(min(cfg.eps_decay, 1 - 1e-9)))                     # ever), in a fifth
+    return replace(cfg, **{"epochs": epochs, "eps_every": max(1, round(iterations / 5 / decays)),
                            "lr_drop_epoch": round(0.6 * epochs),
                            "lr_drop_again_epoch": round(0.8 * epochs), **given})
 
