@@ -2394,6 +2394,60 @@ def resume_check(folder, device):
           f"largest relative difference {worst:.1e}")
 
 
+# ---- off the grid: heat at 2,000 random points against its 32x32 grid (-m slow -s -k off_the)
+def heat_off_the_grid(folder, *, n_points=2000, size=32, seed=0):
+    """The heat quick preset's windows (128 training and 8 test trajectories, 2 windows each) as
+    two files of your own in `folder`: grid.npz on the size x size grid, points.npz at n_points
+    uniform random points of the square [-1, 1]^2 (not a grid) with their exact values: the
+    solver's fields are the cosine series of their 64x64 grids (exact in time), summed there."""
+    s = torch.rand(n_points, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    at_grid = (torch.arange(size, dtype=torch.float64) + 0.5) / size            # cell centres
+    s = torch.cat([s, torch.cartesian_prod(at_grid, at_grid)])                # + the grid's points
+    arrays = {"grid": {}, "points": {}}
+    for key, split, n in (("frames", "train", 128), ("test_frames", "test", 8)):
+        coarse, fine = (solvers.load_dataset("heat", split, size=k, n_trajectories=n,
+                                             data_dir=str(folder / "data"), verbose=False)
+                        for k in (size, 64))
+        exact = torch.cat([solvers.interpolate(w.double(), s[:, 0], s[:, 1], boundary="cosine")
+                           for w in fine.frames.split(8)]).float()             # (windows, T, Q, 1)
+        # the series at the grid's points gives the grid's set: these values are the fields'
+        torch.testing.assert_close(exact[:, :, n_points:], coarse.frames.flatten(2, 3),
+                                   atol=1e-5, rtol=0)
+        arrays["grid"][key], arrays["points"][key] = coarse.frames, exact[:, :, :n_points]
+    arrays["grid"]["coords"], arrays["points"]["coords"] = coarse.coords, 2 * s[:n_points] - 1
+    for name, keys in arrays.items():
+        np.savez(folder / f"{name}.npz", t=coarse.t.numpy(), channels=np.array(["u"]),
+                 **{key: value.float().numpy() for key, value in keys.items()})
+
+
+@pytest.mark.slow
+def test_heat_off_the_grid_forecasts_as_well_as_on_its_grid(tmp_path):
+    """Heat at 2,000 random points of the square and on its 32x32 grid, the same windows, each
+    through --data with the quick sizes and the gridded run's epochs (its work budget), one
+    thread: test MSE In-t and Out-t within 1.3x of each other, each below persistence's."""
+    heat_off_the_grid(tmp_path)
+    found = {}
+    for name in ("grid", "points"):
+        start, out = time.time(), str(tmp_path / name)
+        epochs = ["--epochs", str(found["grid"][0])] if found else []
+        progress = train_py.main(["--data", str(tmp_path / f"{name}.npz"), "--out", out,
+                                  "--preset", "quick", "--device", "cpu", "--threads", "1",
+                                  *epochs])
+        metrics = evaluate_py.main([out, "--device", "cpu", "--no-pictures"])
+        found[name] = progress.epoch, metrics, time.time() - start
+    for name, (epochs, m, seconds) in found.items():
+        print(f"heat {name} ({m['grid']}): {epochs} epochs, {seconds / 60:.1f} min | test MSE "
+              f"In-t {m['mse']['in_t']['all']:.3e} Out-t {m['mse']['out_t']['all']:.3e} | as a "
+              f"fraction of persistence's {m['vs_persistence']['in_t']:.3g} / "
+              f"{m['vs_persistence']['out_t']:.3g}")
+    (epochs, grid, _), (epochs_p, points, _) = found["grid"], found["points"]
+    assert epochs_p == epochs
+    for half in ("in_t", "out_t"):
+        ratio = points["mse"][half]["all"] / grid["mse"][half]["all"]
+        assert 1 / 1.3 <= ratio <= 1.3, (half, ratio)
+        assert points["vs_persistence"][half] < 1 and grid["vs_persistence"][half] < 1
+
+
 # ---- the prepared GPU run: python test_dino.py gpu-run --out DIR [--budget 9.5] [--summary FILE]
 # One command that turns a lent GPU's minutes into answers: first the checks that never ran on a
 # GPU, then the users' own command, then the paper's Navier-Stokes result with the minutes left.
