@@ -2,7 +2,7 @@
 from a single observed frame. For every test window: fit the frame-0 code alpha_0 to the observed
 points (by default in closed form, with the ridge weight chosen on training windows during
 training; or by Adam, --fit adam), integrate d alpha/dt = f_psi(alpha) over the training horizon
-(In-t) and beyond it (Out-t), decode on the full grid, and compare with the truth:
+(In-t) and beyond it (Out-t), decode at every point (grid or point set), compare with the truth:
     MSE over In-t / Out-t  x  In-s (observed points) / Out-s (unobserved points),
 and the relative MSE (MSE / mean square of the truth over the same frames and points), so that
 1.0 means "no better than predicting zero" whatever the PDE's units.

@@ -1717,6 +1717,8 @@ def test_a_point_set_observes_a_share_of_its_points_resumes_and_runs_in_two_proc
     assert new["observed_fraction"] == pytest.approx(
         solvers.observation_mask(data, 0.25, seed=7).float().mean().item())
     assert evaluate_py.main([run, "--split", "val", "--no-pictures"])["windows"] == 1
+    files = evaluate_py.main(["--figures", str(tmp_path / "figures"), run])
+    assert files == ["learning_curves.png", "between_frames.png", "forecast.gif"]
     for flags in (["--resolution", "16"], ["--points", "10"], ["--time-factor", "2"]):
         refused(evaluate_py.main, [run, *flags], "holds data only", capsys)
 
