@@ -2,7 +2,7 @@
 from a single observed frame. For every test window: fit the frame-0 code alpha_0 to the observed
 points (by default in closed form, with the ridge weight chosen on training windows during
 training; or by Adam, --fit adam), integrate d alpha/dt = f_psi(alpha) over the training horizon
-(In-t) and beyond it (Out-t), decode on the full grid, and compare with the truth:
+(In-t) and beyond it (Out-t), decode at every point (grid or point set), compare with the truth:
     MSE over In-t / Out-t  x  In-s (observed points) / Out-s (unobserved points),
 and the relative MSE (MSE / mean square of the truth over the same frames and points), so that
 1.0 means "no better than predicting zero" whatever the PDE's units.
@@ -38,6 +38,7 @@ from train import (
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import matplotlib.tri  # noqa: E402
 from matplotlib.animation import FuncAnimation, PillowWriter  # noqa: E402
 
 
@@ -152,11 +153,12 @@ def evaluate(path, *, device="cpu", split="test", subsampling=None, mask_seed=No
     resolution = cfg.size if resolution is None else resolution
     asked = [flag for flag, on in (("--resolution", resolution != cfg.size), ("--time-factor",
              time_factor > 1), ("--points", points is not None)) if on]
-    if SPECS[cfg.pde].arrays is not None and asked:
+    if SPECS[cfg.pde].arrays is None:                 # a file's frames are in memory already
+        check_sizes(cfg, split=split, resolution=resolution, points=points, device=device,
+                    time_factor=time_factor)
+    elif asked:
         raise ValueError(f"{', '.join(asked)}: {cfg.pde} holds data only, no solver to give "
                          f"other grids, times or points")
-    check_sizes(cfg, split=split, resolution=resolution, points=points, device=device,
-                time_factor=time_factor)
     out = out or default_out(path, cfg, split=split, rate=subsampling, seed=mask_seed,
                              res=resolution, points=points, time_factor=time_factor)
     check_writable(out)
@@ -165,6 +167,7 @@ def evaluate(path, *, device="cpu", split="test", subsampling=None, mask_seed=No
         data_dir=data_dir, device=device, time_factor=time_factor)
     truth = data.frames.flatten(2, 3)                                     # (B, T, N, S)
     grid = "x".join(str(n) for n in reversed(data.coords.shape[:2]))     # W x H (sphere: lon x lat)
+    grid = f"{truth.shape[2]} points" if SPECS[cfg.pde].boundary == "points" else grid
     fitted = (f"closed form, ridge {model.ridge.item():.0e}" if model.fit == "closed-form"
               else f"{model.fit_steps} Adam steps")
     metrics = {"checkpoint": os.path.abspath(file), "pde": cfg.pde, "split": split,
@@ -308,9 +311,7 @@ def figures(folder, runs, *, device="cpu", data_dir="data", log=print):
             save_frame(os.path.join(folder, files[-1]), data.frames[0, -1, ..., -1], decoded, title)
         elif not spec.cut_from and "forecast.gif" not in files:
             files.append("forecast.gif")
-            truth = data.frames[:4, ..., 0]                              # (windows, T, H, W)
-            save_gif(os.path.join(folder, files[-1]), truth, pred[:4, ..., 0].view_as(truth),
-                     data.t.cpu().numpy(), n_in_t=n, title=f"{cfg.pde} {spec.channels[0]}")
+            forecast_gif(os.path.join(folder, files[-1]), cfg, data, pred, channel=0, windows=4)
     for ax, name in zip(axes, ("In-t", "Out-t")):
         ax.set(yscale="log", xlabel="epoch", title=f"test MSE, {name}")
     axes[1].legend(fontsize=7)
@@ -352,31 +353,37 @@ def save_frame(path, truth, pred, title):
     _write_figure(fig, path, lambda tmp: fig.savefig(tmp, dpi=80))
 
 
-def save_gif(path, truth, pred, t, *, n_in_t, title):
+def save_gif(path, truth, pred, t, *, n_in_t, title, coords=None):
     """Rows truth / prediction / error, one column per window, one GIF frame per time, and a time
-    line with the training horizon marked. truth, pred (B, T, H, W): one channel, a few windows."""
+    line with the training horizon marked. truth, pred (B, T, H, W): one channel, a few windows;
+    or (B, T, N) at the points coords (N, X), as `painter` draws them (X = 1: truth and prediction
+    as curves in one row, the error below)."""
     truth, pred = truth.cpu().numpy(), pred.cpu().numpy()
     rows = (("truth", truth, "RdBu_r"), ("prediction", pred, "RdBu_r"),
             ("error", pred - truth, "PuOr_r"))
-    limits = [np.maximum(np.abs(data).max(axis=(0, 2, 3)), 1e-12)  # per frame: heat fades 50x
-              for data in (truth, truth, pred - truth)]          # truth and prediction share one
-    n_windows, aspect = truth.shape[0], truth.shape[3] / truth.shape[2]  # W / H (sphere: 2)
-    width = 1.6 * aspect * n_windows + 0.8
-    fig, axes = plt.subplots(3, n_windows, figsize=(width, 5.4), squeeze=False)
+    limits = [np.maximum(np.abs(data).max(axis=(0, *range(2, data.ndim))), 1e-12)  # per frame
+              for data in (truth, truth, pred - truth)]  # (heat fades 50x); prediction: truth's
+    draw, aspect = painter(coords, truth.shape)                   # panel width / height
+    place = (0, 0, 1) if coords is not None and coords.shape[1] == 1 else (0, 1, 2)  # rows' axes
+    n_windows = truth.shape[0]
+    fig, axes = plt.subplots(place[-1] + 1, n_windows, squeeze=False,
+                             figsize=(1.6 * aspect * n_windows + 0.8, 1.8 * place[-1] + 1.8))
     fig.subplots_adjust(left=0.08, right=0.86, top=0.9, bottom=0.14, hspace=0.08, wspace=0.06)
-    images = []
-    for row, ((name, data, cmap), lim) in enumerate(zip(rows, limits)):
+    panels = []
+    for (name, data, cmap), lim, row in zip(rows, limits, place):
         for col, ax in enumerate(axes[row]):
-            image = ax.imshow(data[col, 0], cmap=cmap, vmin=-lim[0], vmax=lim[0])
-            images.append((image, data, col, lim))
-            ax.set(xticks=[], yticks=[], ylabel=name if col == 0 else "")
-        fig.colorbar(images[-1][0], ax=axes[row].tolist(), shrink=0.9, pad=0.02)
+            image, redraw = draw(ax, data[col, 0], cmap=cmap, lim=lim[0], label=name)
+            panels.append((redraw, data, col, lim))
+            ax.set(xticks=[], yticks=[], ylabel=name if col == 0 and image is not None else "")
+        if image is None:                                         # curves: named in a legend
+            axes[row, 0].legend(fontsize=7, loc="upper right")
+        else:
+            fig.colorbar(image, ax=axes[row].tolist(), shrink=0.9, pad=0.02)
     cursor, heading = time_line(fig, t, n_in_t), fig.suptitle("", fontsize=10)
 
     def frame(k):
-        for image, data, col, lim in images:
-            image.set_data(data[col, k])
-            image.set_clim(-lim[k], lim[k])
+        for redraw, data, col, lim in panels:
+            redraw(data[col, k], lim[k])
         cursor.set_xdata([t[k], t[k]])
         when = ("In-t (inside the training horizon)" if k < n_in_t
                 else "Out-t (BEYOND the training horizon)")
@@ -384,6 +391,34 @@ def save_gif(path, truth, pred, t, *, n_in_t, title):
         heading.set_color("black" if k < n_in_t else "firebrick")
     animation = FuncAnimation(fig, frame, frames=len(t))
     _write_figure(fig, path, lambda tmp: animation.save(tmp, writer=PillowWriter(fps=4), dpi=72))
+
+
+def painter(coords, shape):
+    """How save_gif draws a frame in a panel, draw(ax, values, *, cmap, lim, label) -> (colour
+    image or None, redraw(values, lim)), and a panel's width / height. values (H, W), an image of
+    shape (.., H, W); or (N,) at the points coords (N, X): Delaunay triangles coloured (X = 2;
+    none over 4 median sides: no bridge over a gap in the domain), dots on the first two axes
+    (X > 2), a curve over x (X = 1)."""
+    if coords is not None and coords.shape[1] == 2:
+        mesh = matplotlib.tri.Triangulation(*coords.T)
+        sides = np.hypot(*(coords[mesh.triangles] - coords[np.roll(mesh.triangles, 1, 1)]).T)
+        mesh.set_mask(sides.max(0) > 4 * np.median(sides))        # sides (3, triangles)
+
+    def draw(ax, values, *, cmap, lim, label):
+        if coords is not None and coords.shape[1] == 1:
+            order = np.argsort(coords[:, 0])
+            line = ax.plot(coords[order, 0], values[order], lw=1, label=label)[0]
+            return None, lambda v, m: (line.set_ydata(v[order]), ax.set_ylim(-1.1 * m, 1.1 * m))
+        colours = dict(cmap=cmap, vmin=-lim, vmax=lim)
+        art = (ax.imshow(values, **colours) if coords is None else
+               ax.tripcolor(mesh, values, shading="gouraud", **colours) if coords.shape[1] == 2
+               else ax.scatter(*coords[:, :2].T, c=values, s=3e3 / len(coords), **colours))
+        ax.set_aspect("equal")
+        return art, lambda v, lim: ((art.set_data if coords is None else art.set_array)(v),
+                                    art.set_clim(-lim, lim))
+    spread = None if coords is None else np.ptp(coords[:, :2], axis=0)
+    return draw, (shape[-1] / shape[-2] if coords is None else 2.0 if len(spread) == 1  # W / H
+                  else float(np.clip(spread[0] / max(spread[1], 1e-12), 0.5, 2)))
 
 
 def _write_figure(fig, path, save):
@@ -427,13 +462,11 @@ def save_error_plot(path, t, curves, *, n_in_t, title, every=1):
 def draw(out, cfg, data, pred, *, observed, every=1):
     """One GIF per state channel (a few windows) and the MSE-vs-time PNG; returns file names."""
     B, T, H, W, S = data.frames.shape
-    shown = min(B, 4 if H == W else 2)                    # the sphere's panels are 2:1
-    grid_pred = pred[:shown].view(shown, T, H, W, S)
-    t, files = data.t.cpu().numpy(), []
-    for s, name in enumerate(SPECS[cfg.pde].channels):
-        files.append(f"forecast_{name}.gif")
-        save_gif(os.path.join(out, files[-1]), data.frames[:shown, ..., s], grid_pred[..., s], t,
-                 n_in_t=data.n_in_t, title=f"{cfg.pde} {name}")
+    files = [f"forecast_{name}.gif" for name in SPECS[cfg.pde].channels]
+    for s, file in enumerate(files):
+        forecast_gif(os.path.join(out, file), cfg, data, pred, channel=s,
+                     windows=4 if H == W or W == 1 else 2)       # the sphere's panels are 2:1
+    t = data.t.cpu().numpy()
     err = (pred - data.frames.flatten(2, 3)).pow(2).mean(-1).mean(0)     # (T, N)
     curves = {"all points": err.mean(1).cpu().numpy()}
     if not observed.all():
@@ -444,6 +477,17 @@ def draw(out, cfg, data, pred, *, observed, every=1):
                     title=f"{cfg.pde}: {data.split} MSE per time ({B} windows){marked}",
                     every=every)
     return files + ["mse_vs_time.png"]
+
+
+def forecast_gif(path, cfg, data, pred, *, channel, windows):
+    """save_gif of a channel of the first windows of `data` and of their forecast pred (B, T, N, S),
+    on the grid or at the points of a point set ((N, 1) grid frames: (B, T, N, S))."""
+    spec, points = SPECS[cfg.pde], SPECS[cfg.pde].boundary == "points"
+    truth = data.frames[:windows].flatten(2, 3) if points else data.frames[:windows]
+    coords = data.coords.flatten(0, 1).cpu().numpy() if points else None
+    save_gif(path, truth[..., channel], pred[:windows].view_as(truth)[..., channel],
+             data.t.cpu().numpy(), n_in_t=data.n_in_t, coords=coords,
+             title=f"{os.path.basename(cfg.pde)} {spec.channels[channel]}")
 
 
 def default_out(path, cfg, *, split, rate, seed, res, points, time_factor):

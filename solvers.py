@@ -61,8 +61,8 @@ class PDEData:
     """One split of one PDE's dataset, as load_dataset returns it."""
     pde: str                   # 'heat' | 'wave' | 'navier-stokes' | 'shallow-water'
     split: str                 # 'train' | 'test'
-    frames: torch.Tensor       # (windows, T, H, W, S) float32
-    coords: torch.Tensor       # (H, W, X) physical positions, float32
+    frames: torch.Tensor       # (windows, T, H, W, S) float32 (points of a file: (.., N, 1, S))
+    coords: torch.Tensor       # (H, W, X) physical positions, float32 (points: (N, 1, X))
     t: torch.Tensor            # (T,) times of the frames within a window, t[0] = 0
     trajectory: torch.Tensor   # (windows,) long: the trajectory each window came from
     mask: torch.Tensor | None  # (H, W) bool default observation mask, else None
@@ -73,7 +73,8 @@ class PDEData:
 class PDESpec:
     """Everything load_dataset needs to know about one PDE's dataset (the paper's table)."""
     channels: tuple          # names of the S state channels
-    boundary: str            # the grid's edges: 'cosine' (zero-flux walls), 'periodic', 'sphere'
+    boundary: str            # the grid's edges: 'cosine' (zero-flux walls), 'periodic', 'sphere',
+                             # 'none' (a file's grid), 'points' (a file's point set)
     spacing: float           # time between frames
     windows: int             # windows of `window` frames per trajectory
     trajectories: dict       # split -> paper count (the default)
@@ -216,7 +217,7 @@ def _resolve(pde, split, size, n_trajectories, time_factor=1):
     # float32 frames, held about three times while a set is built, resampled and serialised
     need = (3 * 4 * n * spec.windows * spec.window * time_factor * size * size * spec.width_ratio
             * len(spec.channels))
-    if need > physical_memory():
+    if need > physical_memory() and spec.arrays is None:   # a file's frames are in memory already
         raise ValueError(f"a {pde} {split} set of {n} trajectories at size {size} needs about "
                          f"{need / 2**30:.0f} GiB of memory, more than this machine's "
                          f"{physical_memory() / 2**30:.0f} GiB; choose a smaller size")
@@ -282,10 +283,11 @@ def register_file(path, *, window=20, sha256=None):
     work as for the solvers' sets. The file holds `frames` (trajectories, T, H, W, S), `coords`
     (H, W, X) positions, `t` (T,) increasing times and optionally `mask` (H, W) bool (the points
     that exist), `channels` (S,) names and `test_frames` (trajectories, T, H, W, S), the test split
-    (else the last eighth of the trajectories, at least one). Each trajectory gives T // window
-    windows, half of each inside the training horizon. The SHA-256 of its bytes is kept (in the
-    spec's settings); `sha256` given: the file must have it. ValueError naming the key and what it
-    should be, or the path and both hashes."""
+    (else the last eighth of the trajectories, at least one). Or points: `frames` (trajectories,
+    T, N, S), `coords` (N, X) distinct, `mask` (N,), held as an (N, 1) grid (boundary 'points').
+    Each trajectory gives T // window windows, half of each inside the training horizon. The
+    SHA-256 of its bytes is kept (in the spec's settings); `sha256` given: the file must have it.
+    ValueError naming the key and what it should be, or the path and both hashes."""
     path = os.path.abspath(path)
     if sha256 and not os.path.isfile(path):
         raise ValueError(f"the run's data file {path!r} is missing (moved? give --data NEWPATH; "
@@ -302,11 +304,24 @@ def register_file(path, *, window=20, sha256=None):
 def _register_file(path, window):
     arrays, digest = _read_npz(path)
     need = functools.partial(_file_array, path, arrays)
-    frames = need("frames", (None,) * 5)
-    n, steps, h, w, channels = frames.shape
-    coords, t = need("coords", (h, w, None)), need("t", (steps,))
-    test = need("test_frames", (None, steps, h, w, channels)) if "test_frames" in arrays else None
-    mask = need("mask", (h, w), "b") if "mask" in arrays else None
+    points = getattr(arrays.get("frames"), "ndim", 5) == 4       # (trajectories, T, N, S)
+    frames = need("frames", (None,) * (4 if points else 5))
+    n, steps, *where, channels = frames.shape                      # where: (H, W) or (N,)
+    coords, t = need("coords", (*where, None)), need("t", (steps,))
+    test = need("test_frames", (None, steps, *where, channels)) if "test_frames" in arrays else None
+    mask = need("mask", tuple(where), "b") if "mask" in arrays else None
+    if coords.shape[-1] < 1:
+        raise ValueError(f"{path!r}: 'coords' must give at least one coordinate per point, got "
+                         f"shape {coords.shape}")
+    if points:  # held as an (N, 1) grid: all that flattens (H, W) -> N works on it unchanged
+        unique, counts = np.unique(coords, axis=0, return_counts=True)   # two values at a point
+        if counts.max() > 1:
+            twice = unique[counts.argmax()].tolist()
+            raise ValueError(f"{path!r}: 'coords' lists the point {twice} {counts.max()} times; "
+                             f"allowed: each point once")
+        frames, coords = frames[..., None, :], coords[..., None, :]   # (n, T, N, 1, S), (N, 1, X)
+        test = None if test is None else test[..., None, :]
+        mask = None if mask is None else mask[:, None]                 # (N, 1)
     names = tuple(need("channels", (channels,), "U")) if "channels" in arrays else tuple(
         f"u{i}" for i in range(channels))
     if (np.diff(t) <= 0).any():
@@ -325,8 +340,9 @@ def _register_file(path, window):
     if test is None:
         frames, test = frames[:n - max(1, n // 8)], frames[n - max(1, n // 8):]
     SPECS[path] = PDESpec(
-        channels=names, boundary="none", spacing=float(t[1] - t[0]), windows=len(starts),
-        trajectories={"train": len(frames), "test": len(test)}, sizes={"train": h, "test": h},
+        channels=names, boundary="points" if points else "none", spacing=float(t[1] - t[0]),
+        windows=len(starts), trajectories={"train": len(frames), "test": len(test)},
+        sizes={"train": where[0], "test": where[0]},
         make=None, coords=lambda size: torch.tensor(coords, dtype=torch.float32),
         mask=lambda size: None if mask is None else torch.tensor(mask), window=window,
         n_in_t=window // 2, arrays={"train": frames, "test": test, "t": t[:window] - t[0]},

@@ -1615,7 +1615,7 @@ def test_held_out_windows_choose_best_pt_and_the_ridge_and_every_line_weighs_per
 
 @pytest.mark.parametrize("change, message", [
     (dict(coords=None), "'coords' must be numbers of shape 8 x 8 x ?, got missing"),
-    (dict(frames=np.zeros((8, 20, 8, 8))), "'frames' must be numbers of shape ? x ? x ? x ? x ?"),
+    (dict(frames=np.zeros((8, 20, 64))), "'frames' must be numbers of shape ? x ? x ? x ? x ?"),
     (dict(coords=np.zeros((8, 7, 2))), "'coords' must be numbers of shape 8 x 8 x ?"),
     (dict(t=np.full(20, np.nan)), "'t' holds NaN or infinite values"),
     (dict(t=np.zeros(20)), "'t' must increase strictly"),
@@ -1632,6 +1632,162 @@ def test_a_bad_file_of_your_own_is_refused_in_one_line(change, message, tmp_path
         heat_as_file(file, data_dir, channels=np.array([{"u": 1}], dtype=object))
     else:
         heat_as_file(file, data_dir, **change)
+    refused(train_py.main, ["--data", str(file), "--out", str(tmp_path / "run"), "--device", "cpu"],
+            message, capsys, nothing_at=tmp_path / "run")
+
+
+# ---- your own data on scattered points: coords (N, X), frames (trajectories, T, N, S)
+def as_points(arrays, order):
+    """A gridded file's arrays (heat_as_file) as a point set: the grid's points listed (N, X) in
+    the order `order` (N,), frames (trajectories, T, N, S), mask (N,)."""
+    def listed(a, lead):                         # (lead.., H, W, rest..) -> (lead.., N, rest..)
+        flat = a.reshape(*a.shape[:lead], -1, *a.shape[lead + 2:])
+        return flat[(slice(None),) * lead + (order,)]
+    return {key: listed(a, {"coords": 0, "mask": 0}.get(key, 2)) if a.ndim > 1 else a
+            for key, a in arrays.items()}
+
+
+def point_run(file, out, *extra):
+    return ["--data", str(file), "--out", str(out), "--device", "cpu", *TINY[6:], "--batch-size",
+            "4", "--eval-every", "4", *extra]
+
+
+def test_a_point_set_trains_and_evaluates_to_the_numbers_of_its_grid(tmp_path, data_dir):
+    # the tiny heat windows with the grid's 64 points listed (N, 2) in a shuffled order: nothing
+    # in the model knows a grid, so the same seed gives the same run, up to the rounding of sums
+    # taken in another order; the point run's forecast at the grid's points is the grid run's
+    arrays = dict(np.load(heat_as_file(tmp_path / "grid.npz", data_dir)))
+    order = np.random.default_rng(0).permutation(64)
+    np.savez(tmp_path / "points.npz", **as_points(arrays, order))
+    found = {}
+    for name in ("grid", "points"):
+        out = str(tmp_path / name)
+        progress = train_py.main(point_run(tmp_path / f"{name}.npz", out, "--epochs", "8"))
+        found[name] = (progress.history, evaluate_py.main([out, "--no-pictures"]),
+                       evaluate_py.load_model(out))
+    (log, metrics, model), (log_p, metrics_p, model_p) = found["grid"], found["points"]
+    assert len(log) == len(log_p) == 4 and metrics_p["grid"] == "64 points"
+    for entry, entry_p in zip(log, log_p):
+        for key in ("loss_dec", "loss_dyn", "train_in_t", "val_in_t", "val_out_t", "test_in_t",
+                    "test_out_t", "ridge"):
+            assert entry_p[key] == pytest.approx(entry[key], rel=1e-3), key
+
+    def numbers(m):
+        return [m[kind][half]["all"] for kind in ("mse", "rel_mse") for half in ("in_t", "out_t")
+                ] + [*m["vs_persistence"].values(), *m["mse_vs_time"]]
+    assert numbers(metrics_p) == pytest.approx(numbers(metrics), rel=1e-3)
+    coords, t = arrays["coords"].reshape(64, 2), arrays["t"]
+    values = arrays["test_frames"][0, 0].reshape(64, 1)                    # frame 0, grid order
+    query = torch.rand(50, 2, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    grid, points = (m.forecast(coords, values, t, query) for m in (model, model_p))  # (T, 50, 1)
+    assert (points - grid).norm() <= 1e-3 * grid.norm()
+
+
+def test_a_point_set_observes_a_share_of_its_points_resumes_and_runs_in_two_processes(
+        tmp_path, data_dir, capsys):
+    # --subsampling draws a share of the points; --resume and 2 processes continue and equal the
+    # whole run; evaluate.py scores In-s / Out-s on the training mask or a new one (Table 3a),
+    # on the held-out windows, and draws the GIF on the points; what needs a solver is refused
+    arrays = dict(np.load(heat_as_file(tmp_path / "grid.npz", data_dir)))
+    file = tmp_path / "points.npz"
+    np.savez(file, **as_points(arrays, np.random.default_rng(1).permutation(64)))
+    def argv(out, epochs):
+        return point_run(file, tmp_path / out, "--subsampling", "0.5", "--mask-seed", "4",
+                         "--schedule", "epoch", "--epochs", str(epochs))
+    two = torchrun(argv("two", 4))
+    assert train_py.main([*argv("part", 4), "--minutes", "0"]).epoch == 1    # stops after a step
+    train_py.main(["--out", str(tmp_path / "part"), "--resume"])
+    train_py.main(argv("one", 4))
+    code, out = finished(two)
+    assert code == 0, out
+    one = train_py.load_checkpoint(str(tmp_path / "one" / "last.pt"))
+    for name in ("two", "part"):
+        same_state(one, train_py.load_checkpoint(str(tmp_path / name / "last.pt")))
+    data = solvers.load_dataset(solvers.register_file(file), "train", n_trajectories=8)
+    assert data.frames.shape == (8, 20, 64, 1, 1) and data.coords.shape == (64, 1, 2)
+    assert torch.equal(one["mask"], solvers.observation_mask(data, 0.5, seed=4))
+    assert 0.3 < one["mask"].float().mean() < 0.7
+    run = str(tmp_path / "one")
+    m = evaluate_py.main([run])
+    assert m["observed"] == "the training mask" and m["windows"] == 2
+    assert m["mse"]["in_t"]["in_s"] is not None and m["mse"]["out_t"]["out_s"] is not None
+    assert json.loads((tmp_path / "one" / "eval" / "metrics.json").read_text())["mse"] == m["mse"]
+    from PIL import Image
+    with Image.open(tmp_path / "one" / "eval" / "forecast_u.gif") as gif:
+        assert gif.n_frames == 20
+    new = evaluate_py.main([run, "--subsampling", "0.25", "--mask-seed", "7", "--no-pictures"])
+    assert new["observed"] == "a new mask (rate 0.25, seed 7)" and new["mse"] != m["mse"]
+    assert new["observed_fraction"] == pytest.approx(
+        solvers.observation_mask(data, 0.25, seed=7).float().mean().item())
+    assert evaluate_py.main([run, "--split", "val", "--no-pictures"])["windows"] == 1
+    files = evaluate_py.main(["--figures", str(tmp_path / "figures"), run])
+    assert files == ["learning_curves.png", "between_frames.png", "forecast.gif"]
+    for flags in (["--resolution", "16"], ["--points", "10"], ["--time-factor", "2"]):
+        refused(evaluate_py.main, [run, *flags], "holds data only", capsys)
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_points_in_one_and_three_dimensions_train_evaluate_and_draw(dims, tmp_path):
+    # a wave travelling through 40 random points of [-1, 1]^X, 8 trajectories of 8 frames
+    rng = np.random.default_rng(dims)
+    x, t = rng.uniform(-1, 1, (40, dims)), 0.1 * np.arange(8)
+    phase = rng.uniform(0, 2 * np.pi, (8, 1, 1))
+    frames = np.sin(np.pi * x.sum(1) - 3 * t[:, None] + phase)[..., None]   # (8, T, N, 1)
+    np.savez(tmp_path / "mine.npz", frames=frames, coords=x, t=t)
+    out = tmp_path / "run"
+    progress = train_py.main(point_run(tmp_path / "mine.npz", out, "--window", "8", "--epochs",
+                                       "8"))
+    assert progress.epoch == 8 and math.isfinite(progress.history[-1]["test_out_t"])
+    m = evaluate_py.main([str(out)])
+    assert m["grid"] == "40 points" and m["windows"] == 1 and m["frames"] == 8
+    assert all(math.isfinite(v) for v in m["vs_persistence"].values())
+    from PIL import Image
+    with Image.open(out / "eval" / "forecast_u0.gif") as gif:
+        assert gif.n_frames == 8
+    query = rng.uniform(-1, 1, (5, dims))
+    assert evaluate_py.load_model(str(out)).forecast(x, frames[0, 0], t, query).shape == (8, 5, 1)
+
+
+def test_point_pictures_triangulate_the_plane_without_bridging_gaps_and_dot_higher_dimensions():
+    # two clusters of 200 points, 3 apart: no drawn triangle joins them; X = 3: dots per point
+    rng = np.random.default_rng(0)
+    xy = np.concatenate([rng.uniform(0, 1, (200, 2)), rng.uniform(4, 5, (200, 2))])
+    fig, axes = evaluate_py.plt.subplots(1, 3)
+    draw, aspect = evaluate_py.painter(xy, None)
+    image, redraw = draw(axes[0], xy[:, 0], cmap="RdBu_r", lim=1.0, label="truth")
+    x = np.array([path.vertices[:, 0] for path in image.get_paths()])   # (triangles, 3) drawn
+    assert len(x) > 600 and ((x < 2).all(1) | (x > 3).all(1)).all()
+    redraw(xy[:, 1], 2.0)
+    assert np.array_equal(image.get_array(), xy[:, 1]) and image.get_clim() == (-2.0, 2.0)
+    draw, _ = evaluate_py.painter(rng.uniform(0, 1, (30, 3)), None)
+    dots, _ = draw(axes[1], np.arange(30.0), cmap="RdBu_r", lim=30.0, label="truth")
+    assert len(dots.get_offsets()) == 30 and aspect == pytest.approx(1.0, rel=0.01)
+    draw, _ = evaluate_py.painter(rng.uniform(0, 1, (30, 1)), None)
+    assert draw(axes[2], np.arange(30.0), cmap="RdBu_r", lim=30.0, label="truth")[0] is None
+    evaluate_py.plt.close(fig)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: dict(coords=np.concatenate([a["coords"][:1], a["coords"][:-1]])),
+     "'coords' lists the point [-0.875, -0.875] 2 times; allowed: each point once"),
+    (lambda a: dict(coords=a["coords"][:63]), "'coords' must be numbers of shape 64 x ?, got"),
+    (lambda a: dict(coords=np.zeros((64, 0))), "'coords' must give at least one coordinate"),
+    (lambda a: dict(coords=np.where(a["coords"] > 0.8, np.nan, a["coords"])),
+     "'coords' holds NaN or infinite values"),
+    (lambda a: dict(frames=np.where(a["frames"] > 0.1, np.nan, a["frames"])),
+     "'frames' holds NaN or infinite values"),
+    (lambda a: dict(test_frames=a["test_frames"][:, :, :63]),
+     "'test_frames' must be numbers of shape ? x 20 x 64 x 1"),
+    (lambda a: dict(mask=np.ones((8, 8), bool)), "'mask' must be bool of shape 64, got bool of"),
+    (lambda a: dict(mask=np.zeros(64, bool)), "'mask' hides every point"),
+    (lambda a: dict(frames=a["frames"][:, :12], test_frames=a["test_frames"][:, :12],
+                    t=a["t"][:12]), "has 12 frames per trajectory: --window 20 must be in 2..12"),
+    (lambda a: dict(channels=np.array([{"u": 1}], dtype=object)), "holds pickled objects"),
+])
+def test_a_bad_point_set_is_refused_in_one_line(change, message, tmp_path, data_dir, capsys):
+    points = as_points(dict(np.load(heat_as_file(tmp_path / "grid.npz", data_dir))), np.arange(64))
+    file = tmp_path / "points.npz"
+    np.savez(file, **{**points, **change(points)})
     refused(train_py.main, ["--data", str(file), "--out", str(tmp_path / "run"), "--device", "cpu"],
             message, capsys, nothing_at=tmp_path / "run")
 
@@ -2358,6 +2514,60 @@ def resume_check(folder, device):
                                                        device=device)
     print(f"resume on {device}: {rest.iteration} = {whole.iteration} iterations, "
           f"largest relative difference {worst:.1e}")
+
+
+# ---- off the grid: heat at 2,000 random points against its 32x32 grid (-m slow -s -k off_the)
+def heat_off_the_grid(folder, *, n_points=2000, size=32, seed=0):
+    """The heat quick preset's windows (128 training and 8 test trajectories, 2 windows each) as
+    two files of your own in `folder`: grid.npz on the size x size grid, points.npz at n_points
+    uniform random points of the square [-1, 1]^2 (not a grid) with their exact values: the
+    solver's fields are the cosine series of their 64x64 grids (exact in time), summed there."""
+    s = torch.rand(n_points, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    at_grid = (torch.arange(size, dtype=torch.float64) + 0.5) / size            # cell centres
+    s = torch.cat([s, torch.cartesian_prod(at_grid, at_grid)])                # + the grid's points
+    arrays = {"grid": {}, "points": {}}
+    for key, split, n in (("frames", "train", 128), ("test_frames", "test", 8)):
+        coarse, fine = (solvers.load_dataset("heat", split, size=k, n_trajectories=n,
+                                             data_dir=str(folder / "data"), verbose=False)
+                        for k in (size, 64))
+        exact = torch.cat([solvers.interpolate(w.double(), s[:, 0], s[:, 1], boundary="cosine")
+                           for w in fine.frames.split(8)]).float()             # (windows, T, Q, 1)
+        # the series at the grid's points gives the grid's set: these values are the fields'
+        torch.testing.assert_close(exact[:, :, n_points:], coarse.frames.flatten(2, 3),
+                                   atol=1e-5, rtol=0)
+        arrays["grid"][key], arrays["points"][key] = coarse.frames, exact[:, :, :n_points]
+    arrays["grid"]["coords"], arrays["points"]["coords"] = coarse.coords, 2 * s[:n_points] - 1
+    for name, keys in arrays.items():
+        np.savez(folder / f"{name}.npz", t=coarse.t.numpy(), channels=np.array(["u"]),
+                 **{key: value.float().numpy() for key, value in keys.items()})
+
+
+@pytest.mark.slow
+def test_heat_off_the_grid_forecasts_as_well_as_on_its_grid(tmp_path):
+    """Heat at 2,000 random points of the square and on its 32x32 grid, the same windows, each
+    through --data with the quick sizes and the gridded run's epochs (its work budget), one
+    thread: test MSE In-t and Out-t within 1.3x of each other, each below persistence's."""
+    heat_off_the_grid(tmp_path)
+    found = {}
+    for name in ("grid", "points"):
+        start, out = time.time(), str(tmp_path / name)
+        epochs = ["--epochs", str(found["grid"][0])] if found else []
+        progress = train_py.main(["--data", str(tmp_path / f"{name}.npz"), "--out", out,
+                                  "--preset", "quick", "--device", "cpu", "--threads", "1",
+                                  *epochs])
+        metrics = evaluate_py.main([out, "--device", "cpu", "--no-pictures"])
+        found[name] = progress.epoch, metrics, time.time() - start
+    for name, (epochs, m, seconds) in found.items():
+        print(f"heat {name} ({m['grid']}): {epochs} epochs, {seconds / 60:.1f} min | test MSE "
+              f"In-t {m['mse']['in_t']['all']:.3e} Out-t {m['mse']['out_t']['all']:.3e} | as a "
+              f"fraction of persistence's {m['vs_persistence']['in_t']:.3g} / "
+              f"{m['vs_persistence']['out_t']:.3g}")
+    (epochs, grid, _), (epochs_p, points, _) = found["grid"], found["points"]
+    assert epochs_p == epochs
+    for half in ("in_t", "out_t"):
+        ratio = points["mse"][half]["all"] / grid["mse"][half]["all"]
+        assert 1 / 1.3 <= ratio <= 1.3, (half, ratio)
+        assert points["vs_persistence"][half] < 1 and grid["vs_persistence"][half] < 1
 
 
 # ---- the prepared GPU run: python test_dino.py gpu-run --out DIR [--budget 9.5] [--summary FILE]
