@@ -1,8 +1,8 @@
 """Evaluating DINo (Yin, Kirchmeyer et al., ICLR 2023, arXiv:2209.14855v2, Sec. 5): forecasts
 from a single observed frame. For every test window: fit the frame-0 code alpha_0 to the observed
-points (by default in closed form, with the ridge weight chosen on training windows during
-training; or by Adam, --fit adam), integrate d alpha/dt = f_psi(alpha) over the training horizon
-(In-t) and beyond it (Out-t), decode at every point (grid or point set), compare with the truth:
+points (in closed form, the ridge chosen during training on training or held-out windows; or by
+Adam, --fit adam), integrate d alpha/dt = f_psi(alpha) over the training horizon (In-t) and
+beyond it (Out-t), decode at every point (grid or point set), compare with the truth:
     MSE over In-t / Out-t  x  In-s (observed points) / Out-s (unobserved points),
 and the relative MSE (MSE / mean square of the truth over the same frames and points), so that
 1.0 means "no better than predicting zero" whatever the PDE's units.
@@ -26,15 +26,8 @@ import numpy as np
 import torch
 
 import solvers
+import train
 from solvers import SPECS, check_writable, load_dataset, observation_mask, write_atomic
-from train import (
-    FITS,
-    NO_BETTER,
-    load_checkpoint,
-    model_from_checkpoint,
-    split_off_validation,
-    squared_sums,
-)
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -43,16 +36,15 @@ from matplotlib.animation import FuncAnimation, PillowWriter  # noqa: E402
 
 
 def load_model(path, device="cpu", data=None):
-    """A trained DINo from a run folder (its best.pt) or a checkpoint file (data: the run's own
-    data file, moved); then one call: load_model(run).forecast(coords_obs, values_obs, t,
-    coords_query) (autodecode.DINo), in your data's units."""
-    return model_from_checkpoint(load_checkpoint(path), device, data=data)[0]
+    """A trained DINo (autodecode.py) from a run folder (its best.pt) or checkpoint (data: its own
+    file, moved): load_model(run).forecast(coords_obs, values_obs, t, coords_query), your units."""
+    return train.model_from_checkpoint(train.load_checkpoint(path), device, data=data)[0]
 
 
 # ---- the metric table
 def relative_mse(pred, truth):
     """MSE / mean square of the truth: 1.0 is 'no better than predicting zero', in any units."""
-    err, ref = squared_sums(pred, truth).tolist()
+    err, ref = train.squared_sums(pred, truth).tolist()
     return err / max(ref, 1e-30)
 
 
@@ -81,9 +73,8 @@ def format_table(table):
 
 # ---- the evaluation
 def load_split(cfg, split, *, size, data_dir, device, time_factor=1):
-    """A split's windows: 'test', 'train' (those the run trained on), or 'val': the training-split
-    trajectories the run did not train on (its val_share, else those after its n_train, up to
-    the most allowed): choose settings there."""
+    """A split's windows: 'test', 'train' (those trained on), or 'val': training-split trajectories
+    never trained on (its val_share, else those after n_train, up to the most allowed)."""
     spec, held = SPECS[cfg.pde], cfg.val_share > 0
     n = {"test": cfg.n_test, "train": cfg.n_train}.get(split, cfg.n_train if held else
                                                                spec.largest("train"))
@@ -95,7 +86,7 @@ def load_split(cfg, split, *, size, data_dir, device, time_factor=1):
                         data_dir=data_dir, n_trajectories=n, time_factor=time_factor)
     if split == "test":
         return data
-    trained, val = split_off_validation(cfg, data)
+    trained, val = train.split_off_validation(cfg, data)
     return val if split == "val" else trained
 
 
@@ -144,8 +135,8 @@ def evaluate(path, *, device="cpu", split="test", subsampling=None, mask_seed=No
     and the table first, then pictures in `out`. Returns the metrics ("files": what was written).
     data: the run's own data file, moved (its content unchanged)."""
     file = os.path.join(path, "best.pt") if os.path.isdir(path) else path
-    state = load_checkpoint(file)
-    model, cfg = model_from_checkpoint(state, device, data=data)
+    state = train.load_checkpoint(file)
+    model, cfg = train.model_from_checkpoint(state, device, data=data)
     model.fit = fit or model.fit
     model.fit_steps = model.fit_steps if fit_steps is None else fit_steps
     rate = cfg.subsampling if subsampling is None else subsampling
@@ -201,7 +192,7 @@ def report(metrics, log):
         f"{held['in_t']['all']:.3e} / {held['out_t']['all']:.3e}; DINo's MSE as a fraction of "
         f"it: {ratio['in_t']:.3g} / {ratio['out_t']:.3g}")
     if ratio["out_t"] >= 1:
-        log(NO_BETTER.format(where=f"{m['split']} windows", ratio=ratio["out_t"]))
+        log(train.NO_BETTER.format(where=f"{m['split']} windows", ratio=ratio["out_t"]))
     if "between_frames" in m:
         b = m["between_frames"]
         log(f"between the frames (time factor {b['time_factor']}), MSE at the frame times / "
@@ -232,10 +223,9 @@ def score(pred, truth, observed, n_in_t):
     fraction of persistence's (all points), per-frame errors."""
     frames, table = range(truth.shape[1]), mse_table(pred, truth, observed, n_in_t)
     held = mse_table(truth[:, :1].expand_as(truth), truth, observed, n_in_t)
-    return {**table, "persistence": held,
-            "vs_persistence": {name: table["mse"][name]["all"] / max(held["mse"][name]["all"],
-                                                                      1e-30)
-                               for name in ("in_t", "out_t")},
+    mse, held_mse = table["mse"], held["mse"]
+    return {**table, "persistence": held, "vs_persistence": {
+                name: mse[name]["all"] / max(held_mse[name]["all"], 1e-30) for name in mse},
             "mse_vs_time": [(pred[:, k] - truth[:, k]).pow(2).mean().item() for k in frames],
             "rel_mse_vs_time": [relative_mse(pred[:, k], truth[:, k]) for k in frames]}
 
@@ -288,10 +278,10 @@ def figures(folder, runs, *, device="cpu", data_dir="data", log=print):
     fine_fig, fine_ax = plt.subplots(figsize=(6.4, 3.6))
     files = ["learning_curves.png", "between_frames.png"]
     for run in runs:
-        state = load_checkpoint(run)
-        model, cfg = model_from_checkpoint(state, device)
+        state = train.load_checkpoint(run)
+        model, cfg = train.model_from_checkpoint(state, device)
         spec = SPECS[cfg.pde]
-        history = load_checkpoint(os.path.join(run, "last.pt"))["progress"]["history"]
+        history = train.load_checkpoint(os.path.join(run, "last.pt"))["progress"]["history"]
         data, *_, pred = forecast_split(
             state, model, cfg, split="test", rate=cfg.subsampling, seed=cfg.mask_seed,
             resolution=cfg.size * (2 if spec.cut_from else 1), data_dir=data_dir, device=device)
@@ -521,7 +511,7 @@ def parser():
         help="the same fields at N x N (sphere: N latitudes x 2N longitudes)")
     add("--points", type=int, metavar="N",
         help="also forecast at N random points anywhere in the domain")
-    add("--fit", choices=FITS, help="how alpha_0 is fitted (default: the run's, closed-form)")
+    add("--fit", choices=train.FITS, help="how alpha_0 is fitted (default: the run's, closed-form)")
     add("--fit-steps", type=int, help="Adam steps with --fit adam (default: the run's)")
     add("--time-factor", type=int, metavar="K", default=1, help="forecast K times per frame "
         "interval and score the times between frames too (planar PDEs; default 1)")

@@ -92,8 +92,7 @@ class Config:
     # bookkeeping
     eval_every: int = setting(500, "iterations between evaluations and checkpoints")
     seed: int = setting(0, "initialisation, shuffling and restart draws")
-    val_share: float = setting(0.0, "share of the n_train trajectories held out to choose best.pt "
-                                    "and the ridge on; 0: chosen on the training windows")
+    val_share: float = setting(0.0, "share of n_train held out (they choose best.pt, the ridge)")
 
 
 PAPER = Config(pde="navier-stokes")     # the official Navier-Stokes settings, base of every preset
@@ -106,11 +105,9 @@ PLANE = dict(coord_shift=1.0, coord_scale=0.25)   # [-1, 1] -> [0, 0.5], as the 
 CONFIGS = {
     ("navier-stokes", "paper"): PAPER,
     # heat has no official config: Navier-Stokes' sizes, the rest chosen on held-out training
-    # trajectories (README, "Heat, the seed experiment", gives each step's numbers): restarts
-    # fading 10x sooner and every minibatch stepping all (val In-t/Out-t 0.036/0.056 ->
-    # 0.0076/0.0031), a fixed ridge (the chosen one drifts to 1e-5), 512 trajectories (val/train
-    # In-t 1.7 -> 1.3), f_psi from codes + 10% noise (without, an unseen window diverged) and
-    # network rates 10x smaller from epoch 1,000 and again from 1,500 (Out-t steady within 1.2x).
+    # trajectories, each step's numbers in README ("Heat, the seed experiment"): restarts fading
+    # 10x sooner, every minibatch stepping all, a fixed ridge, 512 trajectories, f_psi from codes
+    # + 10% noise, network rates 10x smaller from epoch 1,000 and again from 1,500.
     ("heat", "paper"): replace(PAPER, pde="heat", **PLANE, n_train=512, eps_every=10,
                                schedule="minibatch", ridge=3e-3, lr_drop_epoch=1000,
                                lr_drop_again_epoch=1500, code_noise=0.1),
@@ -128,8 +125,6 @@ CONFIGS = {
 }
 PRESETS, SCHEDULES, FITS = ("quick", "paper"), ("epoch", "minibatch"), ("closed-form", "adam")
 RIDGES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)   # tried by the closed-form fit (README: why)
-AT_LEAST_1 = ("n_train", "n_test", "code_dim", "layers", "dyn_hidden", "batch_size", "eps_every",
-              "eval_every")
 RULES = {  # field -> (test, what is allowed); every float must also be finite
     **{name: (lambda v, c=choices: v in c, ", ".join(choices))
        for name, choices in (("pde", SPECS), ("schedule", SCHEDULES), ("fit", FITS))},
@@ -142,7 +137,8 @@ RULES = {  # field -> (test, what is allowed); every float must also be finite
     **{name: (lambda v: v >= 0, ">= 0")
        for name in ("epochs", "fit_steps", "seed", "mask_seed", "ridge", "lr_drop_epoch",
                     "lr_drop_again_epoch", "code_noise")},
-    **{name: (lambda v: v >= 1, ">= 1") for name in AT_LEAST_1},
+    **{name: (lambda v: v >= 1, ">= 1") for name in ("n_train", "n_test", "code_dim", "layers",
+       "dyn_hidden", "batch_size", "eps_every", "eval_every")},
     **{name: (lambda v: v > 0, "> 0")
        for name in ("input_scale", "lr_decoder", "lr_codes", "lr_dynamics", "fit_lr",
                     "time_scale")},
@@ -339,19 +335,9 @@ def squared_sums(pred, truth):
     return torch.stack([(pred - truth).pow(2).sum(), truth.pow(2).sum()])
 
 
-def forecast_sums(run, alpha0):
-    """alpha0 (K, R, S, D) -> (K, 2): squared_sums of K forecasts of training windows, batched (the
-    model's units)."""
-    codes = rk4_rollout(run.model.dynamics, alpha0.flatten(0, 1), run.t)   # (K R, T_in, S, D)
-    codes = codes.unflatten(0, alpha0.shape[:2])
-    return torch.stack([squared_sums(run.model.decode(run.points, c, model_units=True),
-                                     run.values) for c in codes])
-
-
 def window_sums(run, data):
-    """(6,): squared_sums In-t, Out-t of `data`'s windows forecast from frame 0 (fitted on the
-    observed points, scored on all, in the user's units), then persistence's squared errors (frame
-    0 held) In-t, Out-t."""
+    """(6,): squared_sums In-t, Out-t of `data`'s windows forecast from frame 0 (observed points
+    fitted, all scored, the user's units), then persistence's (frame 0 held) squared errors."""
     n, truth = data.n_in_t, data.frames.flatten(2, 3)                     # (B, T, N, S)
     points, seen = data.coords.flatten(0, 1), run.observed                # (N, X), (N_obs,)
     codes = run.model.forecast_codes(points[seen], truth[:, 0, seen], data.t, check=False)
@@ -362,11 +348,10 @@ def window_sums(run, data):
 
 
 def measure(run):
-    """The evaluation's numbers, on the device and summed over processes: loss sums (2), train
-    In-t of the LEARNED alpha_0 (2), a non-finite flag, the ridge of the closed-form fit (chosen
-    here unless fixed: by forecasts of training windows from fitted alpha_0, or of the validation
-    windows), then window_sums of the validation windows (if any) and of the test windows (6
-    each; test in process 0 only)."""
+    """The evaluation's numbers, on the device, summed over processes: loss sums (2), train In-t of
+    the LEARNED alpha_0 (2), a non-finite flag, the closed-form ridge (chosen here unless fixed, by
+    forecasts from fitted alpha_0 of the validation windows, else of training windows), then
+    window_sums of the validation windows (if any) and of the test windows (process 0)."""
     state = [p.detach().sum() for p in run.model.parameters()]
     state = torch.stack(state + [run.loss_sums.sum(), run.codes.weight.sum()])
     starts = [run.codes.codes[:, 0]]                                # (R, S, D) each
@@ -374,7 +359,10 @@ def measure(run):
     if choose and run.val is None:
         starts += [fit_codes_closed_form(run.model.decoder, run.coords, run.values[:, 0],
                                          ridge=r, check=False).codes for r in RIDGES]
-    sums = forecast_sums(run, torch.stack(starts))                  # (1 or 1 + len(RIDGES), 2)
+    starts = torch.stack(starts)                                    # (K, R, S, D), K = 1 or 7
+    codes = rk4_rollout(run.model.dynamics, starts.flatten(0, 1), run.t)   # (K R, T_in, S, D)
+    sums = torch.stack([squared_sums(run.model.decode(run.points, c, model_units=True), run.values)
+                        for c in codes.unflatten(0, starts.shape[:2])])   # (K, 2): their forecasts
     flag = (~torch.isfinite(state).all()).float()[None]
     numbers = run.group.sum_(torch.cat([run.loss_sums, sums[0], flag, sums[1:].flatten()]))
     if choose and run.val is None:                                # the best forecast of training
@@ -396,8 +384,7 @@ def measure(run):
 
 
 def evaluate_and_save(run, progress, *, say, out, clock):
-    """The metrics and a log line, then last.pt (and best.pt when the selection score improved:
-    val In-t + Out-t as fractions of persistence, or else train In-t)."""
+    """The metrics and a log line, then last.pt (and best.pt when selection_score improved)."""
     cfg, n = run.cfg, max(progress.summed, 1)
     with torch.no_grad():
         values = measure(run).tolist()                             # the evaluation's one read
@@ -464,11 +451,10 @@ class Run:
     n_windows: int                # training windows, all processes
     shard: tuple                  # (lo, hi): the windows this process owns
     iterations_per_epoch: int     # minibatches per epoch (per process under 'minibatch')
-    values: torch.Tensor          # (R, T_in, N_obs, S): its windows in the horizon, observed,
-                                  # in the model's units (see Config.value_shift)
+    values: torch.Tensor          # (R, T_in, N_obs, S): its windows in the horizon, observed
     points: torch.Tensor          # (N_obs, X) physical positions of the observed points
     coords: torch.Tensor          # (N_obs, X) the same, mapped for the decoder
-    t: torch.Tensor               # (T_in,) frame times inside the horizon, the model's units
+    t: torch.Tensor               # (T_in,) frame times inside the horizon
     mask: torch.Tensor            # (H, W) bool: the observed grid points (CPU: saved as is)
     observed: torch.Tensor        # (N_obs,) long: their indices in the flattened grid
     val: object                   # PDEData: held-out training trajectories (selection), or None
@@ -499,7 +485,7 @@ def setup(cfg, *, device, data_dir):
     points = train_set.coords.flatten(0, 1)[observed]                           # (N_obs, X)
     torch.manual_seed(cfg.seed)                                   # the same networks everywhere
     model = build_model(cfg, coord_dim=points.shape[-1], n_channels=values.shape[-1]).to(device)
-    values = model.map_values(values)                             # the model's units from here
+    values, t = model.map_values(values), model.map_times(train_set.t[:n_in])   # model units
     params = list(model.parameters())
     flat_grad = torch.zeros(sum(p.numel() for p in params), device=device)
     for p, grad in zip(params, flat_grad.split([p.numel() for p in params])):
@@ -514,7 +500,7 @@ def setup(cfg, *, device, data_dir):
                n_windows=n_windows, shard=(lo, hi),
                iterations_per_epoch=-(-per_process // cfg.batch_size), values=values,
                points=points, coords=model.map_coords(points), mask=mask, observed=observed,
-               t=model.map_times(train_set.t[:n_in]), val=val, test=test,
+               t=t, val=val, test=test,
                ridges=torch.tensor(RIDGES, device=device),
                chunk=max(1, chunk_values(device) // values[0].numel()),
                loss_sums=torch.zeros(2, device=device))
@@ -633,15 +619,9 @@ KEYS = {"format", "config", "coord_dim", "n_channels", "mask", "world_size", "mo
 
 
 def save(run, progress, paths):
-    """One checkpoint to every path from process 0, all or nothing; the networks checked equal."""
+    """One checkpoint to every path from process 0, all or nothing (the networks are the same in
+    every process: they step on gradients summed over all; test_dino.py checks 2 against 1)."""
     codes = {k: run.group.gather_rows(v, run.n_windows) for k, v in run.codes.state_dict().items()}
-    if run.group.world > 1:
-        flat = torch.cat([p.detach().reshape(-1) for p in run.model.parameters()]).double()
-        prints = run.group.gather_rows(torch.stack([flat.sum(), flat.square().sum()])[None],
-                                       run.group.world)
-        if not (prints == prints[0]).all():
-            raise RuntimeError(f"the processes hold different networks (fingerprints "
-                               f"{prints.tolist()}): a bug")
     error = None
     if run.group.rank == 0:
         state = to_cpu({"model": run.model.state_dict(), "codes": codes, "mask": run.mask,
@@ -713,8 +693,7 @@ def load_checkpoint(path):
 
 
 def model_from_checkpoint(state, device="cpu", data=None):
-    """(DINo, Config) from a checkpoint dict, ready to forecast on `device`. A run on your own
-    data reads its file again (or `data`, the same file moved), which must hold what it held."""
+    """(DINo, Config) from a checkpoint dict, on `device`; your data's file is read (or `data`)."""
     try:
         cfg = Config(**state["config"])
         if cfg.pde.endswith(".npz"):                    # your own data: read and checked again
@@ -761,9 +740,6 @@ class Clock:
         self.said |= due
         return due
 
-    def step_seconds(self):
-        return self.ends[1] - self.ends[0] if len(self.ends) > 1 else self.session()
-
     def session(self):
         return time.time() - self.start
 
@@ -781,7 +757,8 @@ class Clock:
 
 def summary(run, label, clock, progress):
     """The first log line: what is trained, where, and how long it will take."""
-    cfg, world, step = run.cfg, run.group.world, clock.step_seconds()
+    cfg, world, ends = run.cfg, run.group.world, clock.ends
+    step = ends[1] - ends[0] if len(ends) > 1 else clock.session()   # one step, warmed up
     batch = f"{cfg.batch_size}" + (f" per process, {world * cfg.batch_size} in all"
                                    if world > 1 and cfg.schedule == "minibatch" else "")
     per_epoch = step * (1 if cfg.schedule == "epoch" else run.iterations_per_epoch)
@@ -792,7 +769,7 @@ def summary(run, label, clock, progress):
             f"{cfg.schedule}, minibatch {batch} | {world} process(es) on {run.group.device} | a "
             f"step takes {step:.2f} s: about {hms((cfg.epochs - progress.epoch) * per_epoch)} of "
             f"training to go (evaluations add some)\nmetrics: relative MSE (MSE / mean square of "
-            f"truth), (x / y of persistence): MSE / that of holding frame 0, In-t / Out-t; "
+            f"truth); (x / y of persistence): MSE In-t / Out-t / that of holding frame 0; "
             + (f"val ({len(run.val.frames)} windows never trained on) In-t + Out-t" if run.val
                else "train In-t") + " selects best.pt, test is reported only")
 
@@ -892,12 +869,10 @@ WORK = 1.5e9        # quick: epochs x windows x frames x points, ~7 minutes of o
 
 
 def own_preset(pde, preset, given):
-    """The Config of a PDE without a preset (your file or solver), flags `given`: the quick or
-    paper sizes; the data's counts, grid and units: coordinates' bounding box -> [0, 0.5] per axis,
-    frame spacing -> STEP, (a file) each channel -> mean 0, variance 1 over the training split,
-    whose last eighth validates; quick: a code of N / 8 points (32-128: the decoder is affine in
-    it, so its size bounds the fields told apart), epochs from WORK; schedules in the run's epochs:
-    restarts fade over its first fifth, rates 10x smaller at 60% and 80%, f_psi from noisy codes."""
+    """The Config of a PDE without a preset (your file or solver), flags `given`: its counts, grid
+    and units (bounding box -> [0, 0.5] per axis, frame spacing -> STEP, a file's channels -> mean
+    0, variance 1 over its training split, whose last eighth validates), a code of N / 8 for N
+    points (quick: 32-128), epochs from WORK, restarts and rate drops at shares of those epochs."""
     spec = SPECS[pde]
     coords = spec.coords(spec.sizes["train"]).flatten(0, -2)       # (N, X)
     low, span = coords.amin(0), (coords.amax(0) - coords.amin(0)).clamp_min(1e-12)
