@@ -472,11 +472,11 @@ def draw(out, cfg, data, pred, *, observed, every=1):
 def forecast_gif(path, cfg, data, pred, *, channel, windows):
     """save_gif of a channel of the first windows of `data` and of their forecast pred (B, T, N, S),
     on the grid or at the points of a point set ((N, 1) grid frames: (B, T, N, S))."""
-    spec, points = SPECS[cfg.pde], SPECS[cfg.pde].boundary == "points"
-    truth = data.frames[:windows].flatten(2, 3) if points else data.frames[:windows]
-    coords = data.coords.flatten(0, 1).cpu().numpy() if points else None
+    spec = SPECS[cfg.pde]
+    points = data.coords.flatten(0, 1).cpu().numpy() if spec.boundary == "points" else None
+    truth = data.frames[:windows] if points is None else data.frames[:windows].flatten(2, 3)
     save_gif(path, truth[..., channel], pred[:windows].view_as(truth)[..., channel],
-             data.t.cpu().numpy(), n_in_t=data.n_in_t, coords=coords,
+             data.t.cpu().numpy(), n_in_t=data.n_in_t, coords=points,
              title=f"{os.path.basename(cfg.pde)} {spec.channels[channel]}")
 
 

@@ -454,7 +454,7 @@ class Run:
     values: torch.Tensor          # (R, T_in, N_obs, S): its windows in the horizon, observed
     points: torch.Tensor          # (N_obs, X) physical positions of the observed points
     coords: torch.Tensor          # (N_obs, X) the same, mapped for the decoder
-    t: torch.Tensor               # (T_in,) frame times inside the horizon
+    t: torch.Tensor               # (T_in,) frame times inside the horizon, model units, from 0
     mask: torch.Tensor            # (H, W) bool: the observed grid points (CPU: saved as is)
     observed: torch.Tensor        # (N_obs,) long: their indices in the flattened grid
     val: object                   # PDEData: held-out training trajectories (selection), or None
