@@ -1543,6 +1543,30 @@ def test_your_own_data_gives_the_same_forecasts_in_any_units(tmp_path, data_dir)
                                                       rel=1e-4)
 
 
+def test_your_own_data_is_sized_and_scheduled_for_any_number_of_points(tmp_path):
+    # 72 trajectories of 40 frames (the size of the README's equations) at 64 and at 4,096 points:
+    # a step costs a fixed part plus a part per point (one core: 0.03 s at 64, 0.07 s at 4,096),
+    # so 64 points get at most 3x the epochs of 4,096 (counted in points alone: 20x, 10,000
+    # against 500, 40 minutes of training); restarts fade out in about the first fifth (in a
+    # short run too), rates drop at 60% / 80%
+    found = {}
+    for n in (64, 4096):
+        rng = np.random.default_rng(n)
+        np.savez(tmp_path / f"{n}.npz", frames=rng.normal(size=(72, 40, n, 1)).astype(np.float32),
+                 coords=rng.uniform(size=(n, 2)), t=np.arange(40.0))
+        path = solvers.register_file(str(tmp_path / f"{n}.npz"))
+        for given in ({}, {"epochs": 40}):
+            cfg = train_py.own_preset(path, "quick", given)
+            iterations = cfg.epochs * math.ceil(cfg.n_train * (1 - cfg.val_share) * 2 / 16)
+            assert train_py.epsilon(cfg, iterations // 4) == 0 < train_py.epsilon(cfg,
+                                                                                iterations // 8)
+            assert (cfg.lr_drop_epoch, cfg.lr_drop_again_epoch) == (round(0.6 * cfg.epochs),
+                                                                   round(0.8 * cfg.epochs))
+        found[n] = train_py.own_preset(path, "quick", {})
+        assert cfg.epochs == 40 and found[n].code_dim == min(128, max(32, n // 8))
+    assert found[64].epochs <= 3 * found[4096].epochs and found[4096].epochs > 500
+
+
 def test_your_own_data_refuses_what_needs_a_solver(tmp_path, data_dir, capsys):
     file = heat_as_file(tmp_path / "heat.npz", data_dir)
     train_py.main(["--data", file, "--out", str(tmp_path / "run"), *TINY[:2], "--epochs", "2",
