@@ -2331,6 +2331,16 @@ def burgers(n=72, size=32, frames=40, seed=1):
                 t=0.1 * np.arange(frames), channels=np.array(["u", "v"]))
 
 
+def smooth_random_field(rng, n, size, *, side):
+    """n fields (n, size, size) on a periodic square of side `side`, ~3 waves a side (a Gaussian
+    spectrum of random complex amplitudes), each scaled to unit rms."""
+    k = 2 * np.pi * np.fft.fftfreq(size, side / size)
+    smooth = np.exp(-(k[:, None]**2 + k**2) * (side / (6 * np.pi))**2 / 2)
+    field = np.fft.ifft2((rng.standard_normal((n, size, size)) + 1j * rng.standard_normal(
+        (n, size, size))) * smooth).real
+    return field / field.std(axis=(1, 2), keepdims=True)
+
+
 def ocean_heat(n=72, size=32, frames=40, seed=2):
     """Sea-surface temperature in kelvin, carried by steady eddies and diffused: T_t + u . grad T
     = kappa Lap T on a periodic square of side 200 km (in metres), eddies of streamfunction U L /
@@ -2343,11 +2353,7 @@ def ocean_heat(n=72, size=32, frames=40, seed=2):
     phase = 2 * np.pi * xy / side
     ux = 0.2 * np.sin(phase[..., 0]) * np.cos(phase[..., 1])                  # u = d psi / dy
     uy = -0.2 * np.cos(phase[..., 0]) * np.sin(phase[..., 1])                 # v = -d psi / dx
-    k = 2 * np.pi * np.fft.fftfreq(size, side / size)
-    smooth = np.exp(-(k[:, None]**2 + k**2) * (side / (6 * np.pi))**2 / 2)   # ~3 waves a side
-    temp = np.fft.ifft2((rng.standard_normal((n, size, size)) + 1j * rng.standard_normal(
-        (n, size, size))) * smooth).real
-    temp = 288.0 + 2.0 * temp / temp.std(axis=(1, 2), keepdims=True)
+    temp = 288.0 + 2.0 * smooth_random_field(rng, n, size, side=side)
 
     def rhs(t_h, kx, ky):
         dx, dy = np.fft.ifft2(1j * kx * t_h).real, np.fft.ifft2(1j * ky * t_h).real
@@ -2362,11 +2368,7 @@ def allen_cahn(n=288, size=32, frames=40, seed=3):
     0.5 s, frames every 2 s. Not among the three the recipe was chosen on; 72 trajectories are
     too few for it (README), 288 are enough."""
     rng, x = np.random.default_rng(seed), np.arange(size) / size
-    k = 2 * np.pi * np.fft.fftfreq(size, 1 / size)
-    smooth = np.exp(-(k[:, None]**2 + k**2) / (2 * (2 * np.pi * 3)**2))
-    u = np.fft.ifft2((rng.standard_normal((n, size, size)) + 1j * rng.standard_normal(
-        (n, size, size))) * smooth).real
-    u = 0.3 * u / u.std(axis=(1, 2), keepdims=True)
+    u = 0.3 * smooth_random_field(rng, n, size, side=1.0)
 
     def rhs(u_h, kx, ky):
         v = np.fft.ifft2(u_h).real
